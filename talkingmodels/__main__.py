@@ -1,0 +1,5 @@
+import sys
+
+from talkingmodels.cli import main
+
+sys.exit(main())

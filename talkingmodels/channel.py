@@ -1,0 +1,71 @@
+"""The channel: encoders (hidden state -> message) and decoders (message -> hidden state).
+
+Each model of a talking pair gets one encoder and one decoder. A model's tapped layers
+may differ in width, so an encoder holds one input projection per layer it speaks from
+and a decoder one output projection per layer it listens at; layers are named by their
+role (``"l"`` or ``"h"``). Modules act on the feature dimension only, so sequence states
+``(batch, tokens, dim)`` are handled per token and spatial states ``(batch, channels,
+height, width)`` per position (a 1x1 map).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+ChannelKind = Literal["linear", "dense-relu-dense"]
+
+
+def _features_last(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` over the feature dimension: last for vectors/sequences, 1 for images."""
+    if x.dim() == 4:
+        return fn(x.movedim(1, -1)).movedim(-1, 1)
+    return fn(x)
+
+
+class Encoder(nn.Module):
+    """Hidden state of one of its model's layers -> message of width ``message_dim``.
+
+    ``linear``: one Linear per layer. ``dense-relu-dense``: a Linear per layer into a
+    shared hidden width, then ReLU and a shared Linear into the message space.
+    """
+
+    def __init__(self, dims: dict[str, int], message_dim: int, kind: ChannelKind = "linear",
+                 hidden: int = 64):
+        super().__init__()
+        width = message_dim if kind == "linear" else hidden
+        self.inputs = nn.ModuleDict({role: nn.Linear(dim, width) for role, dim in dims.items()})
+        self.trunk = (nn.Identity() if kind == "linear"
+                      else nn.Sequential(nn.ReLU(), nn.Linear(hidden, message_dim)))
+
+    def forward(self, state: torch.Tensor, role: str) -> torch.Tensor:
+        """``state`` (batch, ..., dim of layer ``role``) -> message (batch, ..., m)."""
+        return _features_last(lambda x: self.trunk(self.inputs[role](x)), state)
+
+
+class Decoder(nn.Module):
+    """Message -> hidden state of the layer ``role`` of its model (mirror of Encoder)."""
+
+    def __init__(self, dims: dict[str, int], message_dim: int, kind: ChannelKind = "linear",
+                 hidden: int = 64):
+        super().__init__()
+        width = message_dim if kind == "linear" else hidden
+        self.trunk = (nn.Identity() if kind == "linear"
+                      else nn.Sequential(nn.Linear(message_dim, hidden), nn.ReLU()))
+        self.outputs = nn.ModuleDict({role: nn.Linear(width, dim) for role, dim in dims.items()})
+
+    def forward(self, message: torch.Tensor, role: str) -> torch.Tensor:
+        """``message`` (batch, ..., m) -> state (batch, ..., dim of layer ``role``)."""
+        return _features_last(lambda x: self.outputs[role](self.trunk(x)), message)
+
+
+class Speaker(nn.Module):
+    """One model's side of the channel: its encoder and its decoder."""
+
+    def __init__(self, dims: dict[str, int], message_dim: int, kind: ChannelKind = "linear",
+                 hidden: int = 64):
+        super().__init__()
+        self.encoder = Encoder(dims, message_dim, kind, hidden)
+        self.decoder = Decoder(dims, message_dim, kind, hidden)

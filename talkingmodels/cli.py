@@ -1,0 +1,129 @@
+"""The command line: ``talkingmodels run|bench|report|methods|tasks``.
+
+A user's mistake prints one line (``error: ...``) and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from talkingmodels.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_run(args) -> None:
+    from talkingmodels.experiments import load_config, run_experiment
+
+    exp = load_config(args.config)
+    out = args.out or exp.config.out or Path("runs") / Path(args.config).stem
+    _finish(run_experiment(exp, Path(out), force=args.force), time.perf_counter())
+
+
+def cmd_bench(args) -> None:
+    from talkingmodels.experiments import ExperimentConfig, resolve, run_experiment, validate
+    from talkingmodels.tasks import get_task
+
+    task = get_task(args.task)
+    methods = None
+    if args.methods:
+        methods = [{"name": name, "label": name, **task.default_methods.get(name, {})}
+                   for name in _csv(args.methods)]
+    options = {}
+    if args.data_dir:
+        options["data_dir"] = args.data_dir
+    if args.cache_dir:
+        options["cache_dir"] = args.cache_dir
+    train = {"epochs": args.epochs} if args.epochs else {}
+    config = validate(ExperimentConfig, {
+        "task": args.task, "settings": _csv(args.settings) if args.settings else None,
+        "methods": methods, "seeds": args.seeds, "task_options": options, "train": train,
+    }, "bench")
+    exp = resolve(config)
+    start = time.perf_counter()
+    _finish(run_experiment(exp, Path(args.out or f"runs/{args.task}"), force=args.force), start)
+
+
+def _finish(report: Path, start: float) -> None:
+    print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s")
+
+
+def cmd_report(args) -> None:
+    from talkingmodels.report import write_report
+
+    print(f"wrote {write_report(Path(args.dir))}")
+
+
+def cmd_methods(_args) -> None:
+    from talkingmodels.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+
+
+def cmd_tasks(_args) -> None:
+    from talkingmodels.tasks import TASKS
+
+    for name, cls in sorted(TASKS.items()):
+        print(f"{name:12s} metric {cls.metric.name}; default settings: "
+              f"{', '.join(cls.default_settings)}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="talkingmodels", description="Talking-model Distillation and KD baselines")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = sub.add_parser("run", help="run one YAML experiment")
+    run.add_argument("config", type=Path)
+    run.add_argument("--out", type=Path, help="output directory (default: the config's out)")
+    run.add_argument("--force", action="store_true", help="redo runs already in results.csv")
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="run a task's benchmark grid")
+    bench.add_argument("task")
+    bench.add_argument("--settings", help="comma-separated settings (default: the task's)")
+    bench.add_argument("--methods", help="comma-separated methods (default: all of the task's)")
+    bench.add_argument("--seeds", type=int, default=5)
+    bench.add_argument("--epochs", type=int, help="epoch budget per run")
+    bench.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
+    bench.add_argument("--data-dir", type=Path, help="where the task's data lies")
+    bench.add_argument("--cache-dir", type=Path, help="cache for teachers and data")
+    bench.add_argument("--force", action="store_true", help="redo runs already in results.csv")
+    bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
+    report.add_argument("dir", type=Path)
+    report.set_defaults(func=cmd_report)
+
+    sub.add_parser("methods", help="list the registered methods").set_defaults(func=cmd_methods)
+    sub.add_parser("tasks", help="list the registered tasks").set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are kept in results.csv", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

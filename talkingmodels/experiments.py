@@ -1,0 +1,210 @@
+"""Experiments: a validated config -> a grid of task settings x methods x seeds -> the
+runs store (``results.csv``, ``curves.csv``) -> the report.
+
+Every finished run is appended to the store at once, so a grid that stops midway keeps
+what it finished and a rerun only does the missing runs (``force`` redoes them all).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tqdm.auto import tqdm
+
+from talkingmodels.engine import TrainConfig, fit, seed_everything
+from talkingmodels.errors import UserError
+from talkingmodels.methods import METHODS, ModelPair, get_method
+from talkingmodels.tasks import Prepared, Task, get_task
+
+RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
+                  "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name"]
+CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
+
+
+class MethodEntry(BaseModel):
+    """One method of the grid: a registered name, an optional label (to run variants of
+    one method side by side) and that method's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    label: str | None = None
+
+    @property
+    def options(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    settings: list[str] | None = Field(None, min_length=1, description="default: the task's own")
+    task_options: dict = Field(default_factory=dict)
+    methods: list[MethodEntry] | None = Field(None, min_length=1, description="default: the task's")
+    seeds: int | list[int] = Field(3, description="a count (0..N-1) or an explicit list")
+    train: dict = Field(default_factory=dict, description="TrainConfig values over the task's")
+    out: Path | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("seeds must be at least 1")
+        if isinstance(value, list) and not value:
+            raise ValueError("seeds must not be empty")
+        return value
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+def describe(error: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
+    """One line for the first problem pydantic found, naming the valid keys on a typo."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden" and model is not None:
+        valid = ", ".join(model.model_fields)
+        return f"{where}: unknown key {loc!r}; valid keys: {valid}"
+    return f"{where}: {loc}: {first['msg']} (got {first.get('input')!r})"
+
+
+def validate(model: type[BaseModel], data, where: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise UserError(describe(error, where, model)) from None
+
+
+@dataclass
+class Experiment:
+    """A config with every name resolved and every option validated."""
+
+    config: ExperimentConfig
+    task: Task
+    settings: list[str]
+    methods: list[tuple[str, type, object]]  # (label, class, validated method config)
+    train: TrainConfig
+    seeds: list[int]
+
+
+def resolve(config: ExperimentConfig) -> Experiment:
+    task_cls = get_task(config.task)
+    task = task_cls(validate(task_cls.Config, config.task_options, f"task_options ({config.task})"))
+    settings = [task.check_setting(s) for s in (config.settings or task.default_settings)]
+    entries = config.methods or [MethodEntry(name=label.split(":")[0], label=label, **opts)
+                                 for label, opts in task.default_methods.items()]
+    methods, labels = [], set()
+    for index, entry in enumerate(entries):
+        cls = get_method(entry.name)
+        options = validate(cls.Config, entry.options, f"methods[{index}] ({entry.name})")
+        label = entry.label or entry.name
+        if label in labels:
+            raise UserError(f"methods[{index}]: label {label!r} is used twice; give each variant "
+                            "its own 'label'")
+        labels.add(label)
+        methods.append((label, cls, options))
+    train = validate(TrainConfig, {**task.default_train, **config.train}, "train")
+    return Experiment(config, task, settings, methods, train, config.seed_list())
+
+
+def load_config(path: Path, overrides: dict | None = None) -> Experiment:
+    """Read, validate and resolve a YAML experiment; every mistake is one UserError line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a YAML mapping with at least a 'task' key")
+    data.update(overrides or {})
+    return resolve(validate(ExperimentConfig, data, f"config {path}"))
+
+
+# ------------------------------------------------------------------------------ running
+def build_method(prepared: Prepared, cls: type, options, seed: int):
+    """The student (identically initialised for every method of one seed) and the method."""
+    seed_everything(seed)
+    student = prepared.build_student()
+    teacher = copy.deepcopy(prepared.teacher) if options.unfreeze_teacher else prepared.teacher
+    pair = ModelPair(student, teacher, prepared.student_layers, prepared.teacher_layers,
+                     prepared.output, prepared.task_loss)
+    example = prepared.splits.train.batch(slice(0, 4))
+    return cls(pair, options, example)
+
+
+def _append(path: Path, columns: list[str], rows: list[dict]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _done(path: Path) -> set[tuple[str, str, str, str]]:
+    if not path.exists():
+        return set()
+    with open(path, newline="") as handle:
+        return {(r["task"], r["setting"], r["method"], r["seed"]) for r in csv.DictReader(handle)}
+
+
+def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True) -> Path:
+    """Run every (setting, method, seed) not yet in ``out/results.csv``; then the report."""
+    from talkingmodels.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output directory {out} is not writable")
+    results, curves = out / "results.csv", out / "curves.csv"
+    if force:
+        for path in (results, curves):
+            path.unlink(missing_ok=True)
+    done = _done(results)
+    task = exp.task
+    grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
+            for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
+    bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run", disable=not progress)
+    prepared: dict[str, Prepared] = {}
+    for setting, label, cls, options, seed in grid:
+        if setting not in prepared:
+            prepared[setting] = task.prepare(setting)
+        prep = prepared[setting]
+        where = f"{setting} {label} seed {seed}"
+        bar.set_postfix_str(where, refresh=False)
+        method = build_method(prep, cls, options, seed)
+
+        def on_epoch(row, _bar=bar, _where=where):
+            _bar.set_postfix_str(f"{_where} epoch {row['epoch']} "
+                                 f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
+
+        result = fit(method, prep.splits, task.metric, exp.train, seed, on_epoch)
+        key = {"task": task.name, "setting": setting, "method": label, "seed": seed}
+        _append(results, RESULT_COLUMNS, [{
+            **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
+            "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
+            "best_epoch": result.best_epoch, "epochs": result.epochs,
+            "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
+            "method_name": cls.name,
+        }])
+        _append(curves, CURVE_COLUMNS, [
+            {**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
+            for row in result.history for name, value in row.items()
+            if name not in ("epoch", "stage")
+        ])
+        bar.update()
+    bar.close()
+    return write_report(out)
+
+
+def registered_methods() -> list[str]:
+    return sorted(METHODS)

@@ -1,0 +1,135 @@
+"""The interface every distillation method implements (after mdistiller's Distiller).
+
+A method holds the student, the frozen teacher and its own extra modules. The engine
+calls ``forward_train(batch)``, which returns the student's prediction and a dict of
+named, already weighted loss terms; the engine sums them. A method never knows which
+task it runs on: everything task-specific arrives in a :class:`ModelPair`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from talkingmodels import taps
+from talkingmodels.data import Batch
+
+OutputKind = Literal["regression", "classification"]
+
+
+@dataclass
+class ModelPair:
+    """What a task hands to a method: the two models, their tapped layers, the task loss."""
+
+    student: nn.Module
+    teacher: nn.Module
+    student_layers: tuple[str, str]  # (l, h): l runs before h
+    teacher_layers: tuple[str, str]
+    output: OutputKind
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A phase of training. ``epochs=None`` uses the run's epoch budget; ``select`` turns
+    on early stopping / model selection on the validation metric."""
+
+    name: str
+    epochs: int | None = None
+    select: bool = True
+
+
+class MethodConfig(BaseModel):
+    """Options every method accepts. Subclasses add their own; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    unfreeze_teacher: bool = False
+
+
+def feature_dim(state: torch.Tensor) -> int:
+    """Width of a hidden state: channels for images (batch, C, H, W), else the last dim."""
+    return state.shape[1] if state.dim() == 4 else state.shape[-1]
+
+
+class Distiller(nn.Module):
+    """Base class: plain supervised training of the student (the ``scratch`` method)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, pair: ModelPair, config: MethodConfig, example: Batch):
+        super().__init__()
+        self.pair = pair
+        self.config = config
+        self.student = pair.student
+        self.teacher = pair.teacher
+        self.teacher.requires_grad_(config.unfreeze_teacher)
+        self.stage = "main"
+
+    # ----------------------------------------------------------------- training API
+    def forward(self, *student_inputs: torch.Tensor) -> torch.Tensor:
+        """Inference needs only the student."""
+        return self.student(*student_inputs)
+
+    def forward_train(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prediction = self.student(*batch.student_inputs)
+        return prediction, {"task": self.pair.task_loss(prediction, batch.target)}
+
+    def stages(self) -> list[Stage]:
+        return [Stage("main")]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The frozen teacher always runs in eval mode (no dropout, fixed BN statistics).
+        self.teacher.train(mode and self.config.unfreeze_teacher)
+        return self
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        """Student, extra modules, and the teacher only when it is unfrozen."""
+        teacher = {id(p) for p in self.teacher.parameters()}
+        params = [p for p in self.parameters() if id(p) not in teacher]
+        if self.config.unfreeze_teacher:
+            params += list(self.teacher.parameters())
+        return params
+
+    def extra_parameter_count(self) -> int:
+        """Trainable parameters a method adds beyond the student (its training-time cost)."""
+        own = {id(p) for p in self.student.parameters()} | {id(p) for p in self.teacher.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in own)
+
+    # ----------------------------------------------------------------- helpers
+    def student_states(self, batch: Batch, layers: tuple[str, ...]):
+        """Student prediction and its states at ``layers`` (with gradients)."""
+        with taps.capture(self.student, layers) as states:
+            prediction = self.student(*batch.student_inputs)
+        return prediction, states
+
+    def teacher_states(self, batch: Batch, layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Teacher states at ``layers`` and its prediction under key ``"output"``.
+
+        Served from the batch's teacher cache when the task precomputed them; else one
+        forward pass of the teacher, without an autograd graph when it is frozen.
+        """
+        wanted = (*layers, "output")
+        if all(key in batch.teacher_cache for key in wanted):
+            return {key: batch.teacher_cache[key] for key in wanted}
+        with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
+            with taps.capture(self.teacher, layers) as states:
+                output = self.teacher(*batch.teacher_inputs)
+        return {**states, "output": output}
+
+    @staticmethod
+    def state_dims(model: nn.Module, layers: tuple[str, str], inputs: tuple) -> dict[str, int]:
+        """Feature widths of ``model`` at its (l, h) layers, by role, from one probe pass.
+        Also checks that l runs before h."""
+        taps.check_order(model, *layers, *inputs)
+        with torch.no_grad(), taps.capture(model, layers) as states:
+            model(*inputs)
+        return {role: feature_dim(states[name]) for role, name in zip(("l", "h"), layers, strict=False)}
+
+

@@ -1,0 +1,55 @@
+"""``feature-kd``: the student's state at ``h`` is mapped by an encoder (a regressor) onto
+the teacher's state at ``h`` and matched with MSE: one-way communication in state space."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from talkingmodels import losses
+from talkingmodels.channel import ChannelKind, Encoder
+from talkingmodels.data import Batch
+from talkingmodels.methods.base import Distiller, MethodConfig
+from talkingmodels.methods.registry import register
+
+
+class FeatureKDConfig(MethodConfig):
+    feature_weight: float = Field(1.0, ge=0, description="weight of the feature term")
+    layer: str = Field("h", pattern="^(l|h)$", description="which tapped pair to match")
+    regressor: ChannelKind = "linear"
+
+
+class FeatureMatching:
+    """Mixin: a regressor from the student's layer to the teacher's, and the matching loss."""
+
+    def build_regressor(self, example: Batch) -> None:
+        pair, role = self.pair, self.config.layer
+        s_dim = self.state_dims(pair.student, pair.student_layers, example.student_inputs)[role]
+        t_dim = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)[role]
+        self.regressor = Encoder({role: s_dim}, t_dim, self.config.regressor)
+
+    def layer_names(self) -> tuple[str, str]:
+        index = 0 if self.config.layer == "l" else 1
+        return self.pair.student_layers[index], self.pair.teacher_layers[index]
+
+    def feature_term(self, student_state: torch.Tensor, teacher_state: torch.Tensor) -> torch.Tensor:
+        mapped = self.regressor(student_state, self.config.layer)
+        return self.config.feature_weight * losses.mse(mapped, teacher_state)
+
+
+@register("feature-kd")
+class FeatureKD(FeatureMatching, Distiller):
+    Config = FeatureKDConfig
+
+    def __init__(self, pair, config, example):
+        super().__init__(pair, config, example)
+        self.build_regressor(example)
+
+    def forward_train(self, batch: Batch):
+        s_name, t_name = self.layer_names()
+        prediction, states = self.student_states(batch, (s_name,))
+        teacher = self.teacher_states(batch, (t_name,))
+        return prediction, {
+            "task": self.pair.task_loss(prediction, batch.target),
+            "feature": self.feature_term(states[s_name], teacher[t_name]),
+        }

@@ -1,0 +1,48 @@
+"""``fitnet`` (Romero et al. 2015), the original two-stage recipe.
+
+Stage ``hint``: the student's guided layer is trained, through a regressor, to predict
+the teacher's hint layer; only the student's modules up to the guided layer receive
+gradients. Stage ``main``: the whole student is trained with the task loss and logit KD,
+starting from the hinted weights. The regressor is discarded after the hint stage.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from talkingmodels.data import Batch
+from talkingmodels.methods.base import Distiller, Stage
+from talkingmodels.methods.feature_kd import FeatureKDConfig, FeatureMatching
+from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig
+from talkingmodels.methods.registry import register
+
+
+class FitNetConfig(LogitKDConfig, FeatureKDConfig):
+    hint_epochs: int = Field(5, ge=1, description="epochs of the hint stage")
+
+
+@register("fitnet")
+class FitNet(FeatureMatching, LogitKD):
+    Config = FitNetConfig
+
+    def __init__(self, pair, config, example):
+        Distiller.__init__(self, pair, config, example)
+        self.build_regressor(example)
+
+    def stages(self) -> list[Stage]:
+        return [Stage("hint", epochs=self.config.hint_epochs, select=False), Stage("main")]
+
+    def forward_train(self, batch: Batch):
+        if self.stage == "main":
+            return LogitKD.forward_train(self, batch)
+        s_name, t_name = self.layer_names()
+        prediction, states = self.student_states(batch, (s_name,))
+        teacher = self.teacher_states(batch, (t_name,))
+        return prediction, {"hint": self.feature_term(states[s_name], teacher[t_name])}
+
+    def learnable_parameters(self):
+        params = super().learnable_parameters()
+        if self.stage == "main":  # the regressor only serves the hint stage
+            regressor = {id(p) for p in self.regressor.parameters()}
+            params = [p for p in params if id(p) not in regressor]
+        return params

@@ -1,0 +1,9 @@
+"""``scratch``: the student trained on the task alone; the reference every gain is measured against."""
+
+from talkingmodels.methods.base import Distiller
+from talkingmodels.methods.registry import register
+
+
+@register("scratch")
+class Scratch(Distiller):
+    """The base class already is plain supervised training."""

@@ -1,0 +1,117 @@
+"""``td``: Talking-model Distillation (Zhao et al. 2023); see docs in method.md.
+
+One round: the student asks ``q = E_S(s_l)``; the teacher reads the question into its
+lower layer ``t'_l = D_T(q)``, interprets it with its own frozen layers
+``t'_h = T[l -> h](t'_l)`` and answers ``a = E_T(t'_h)``; the student reads the answer
+``s'_h = D_S(a)``. ``L_interact = d(s_h, s'_h)``. Round ``r+1`` asks with ``E_S(s'_h(r))``.
+
+Consistency: ``L_MC = d(E_S(s_h), E_T(t_h))`` and
+``L_SC = d(D_T(E_T(t_l)), t_l) + d(D_S(E_S(s_h)), s_h)``.
+Objective: ``L_task + w0 L_kd + w1 L_interact + w2 L_MC + w3 L_SC`` plus two optional
+"answer" terms of ours (see ``answer_kd`` and ``answer_task``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from talkingmodels import losses, taps
+from talkingmodels.channel import ChannelKind, Speaker
+from talkingmodels.data import Batch
+from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig, output_kd
+from talkingmodels.methods.registry import register
+
+Detachable = Literal["question", "answer", "student_state"]
+
+
+class TDConfig(LogitKDConfig):
+    rounds: int = Field(1, ge=0, description="rounds of interaction; 0 = no interaction")
+    message_dim: int = Field(16, ge=1, description="m: width of the message space")
+    channel: ChannelKind = "linear"
+    channel_hidden: int = Field(64, ge=1, description="hidden width of dense-relu-dense")
+    distance: Literal["mse", "cosine"] = "mse"
+    # `weight` (inherited) is w0, the logit-KD term; 0 gives pure communication.
+    w1: float = Field(1.0, ge=0, description="weight of L_interact")
+    w2: float = Field(1.0, ge=0, description="weight of L_MC (message consistency)")
+    w3: float = Field(1.0, ge=0, description="weight of L_SC (state consistency)")
+    message_consistency: bool = True
+    state_consistency: bool = True
+    stop_gradient: list[Detachable] = Field(
+        default_factory=list,
+        description="question: the student's lower layers do not learn through its question; "
+        "answer: s'_h is a fixed target for s_h; student_state: s_h is a fixed target for s'_h",
+    )
+    answer_kd: float = Field(
+        0.0, ge=0, description="(ours) weight of KD towards the teacher's head applied to t'_h")
+    answer_task: float = Field(
+        0.0, ge=0, description="(ours) weight of the task loss of the student's head on s'_h")
+
+
+@register("td")
+class TalkingDistillation(LogitKD):
+    Config = TDConfig
+
+    def __init__(self, pair, config: TDConfig, example: Batch):
+        super().__init__(pair, config, example)
+        s_dims = self.state_dims(pair.student, pair.student_layers, example.student_inputs)
+        t_dims = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)
+        args = (config.message_dim, config.channel, config.channel_hidden)
+        self.student_side = Speaker(s_dims, *args)
+        self.teacher_side = Speaker(t_dims, *args)
+        self.distance = losses.DISTANCES[config.distance]
+
+    def interpret(self, question: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
+        t_low, t_high = self.pair.teacher_layers
+        t_low_state = self.teacher_side.decoder(question, "l")
+        return taps.run_between(self.teacher, t_low, t_high, t_low_state, *batch.teacher_inputs)
+
+    def forward_train(self, batch: Batch):
+        cfg = self.config
+        s_low, s_high = self.pair.student_layers
+        t_low, t_high = self.pair.teacher_layers
+        prediction, states = self.student_states(batch, (s_low, s_high))
+        s_l, s_h = states[s_low], states[s_high]
+        teacher = self.teacher_states(batch, (t_low, t_high))
+        E_S, D_S = self.student_side.encoder, self.student_side.decoder
+        E_T, D_T = self.teacher_side.encoder, self.teacher_side.decoder
+
+        terms = {"task": self.pair.task_loss(prediction, batch.target)}
+        if cfg.weight > 0:
+            terms["kd"] = self.logit_term(prediction, batch)
+
+        if cfg.rounds > 0:
+            asked = s_l.detach() if "question" in cfg.stop_gradient else s_l
+            interact, s_high_answer = 0.0, None
+            for r in range(cfg.rounds):
+                # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
+                question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
+                t_high_answer = self.interpret(question, batch)
+                s_high_answer = D_S(E_T(t_high_answer, "h"), "h")
+                target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
+                answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
+                interact = interact + self.distance(answer, target)
+            terms["interact"] = cfg.w1 * interact / cfg.rounds
+            if cfg.answer_kd > 0:
+                # The teacher's own head reads its interpretation: an answer in output space.
+                answer_output = taps.run_between(self.teacher, t_high, None, t_high_answer,
+                                                 *batch.teacher_inputs)
+                terms["answer_kd"] = cfg.answer_kd * output_kd(
+                    prediction, answer_output.detach(), self.pair.output, cfg.temperature)
+            if cfg.answer_task > 0:
+                # The student's own head must solve the task from the answer it was given.
+                answer_prediction = taps.run_between(self.student, s_high, None, s_high_answer,
+                                                     *batch.student_inputs)
+                terms["answer_task"] = cfg.answer_task * self.pair.task_loss(
+                    answer_prediction, batch.target)
+
+        if cfg.message_consistency and cfg.w2 > 0:
+            terms["mc"] = cfg.w2 * self.distance(E_S(s_h, "h"), E_T(teacher[t_high], "h"))
+        if cfg.state_consistency and cfg.w3 > 0:
+            t_l = teacher[t_low]
+            terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l)
+                                    + self.distance(D_S(E_S(s_h, "h"), "h"), s_h))
+        return prediction, terms

@@ -1,0 +1,107 @@
+"""Tables and plots from a runs store: ``results.csv`` (+ ``curves.csv``) -> ``report.md``
+and one PNG of validation curves per setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from talkingmodels.errors import UserError
+from talkingmodels.tasks import get_task
+
+REFERENCE = "scratch"
+
+
+def relative_gain(value: float, reference: float, higher_is_better: bool) -> float:
+    """Improvement over the reference in percent (positive = better, either direction)."""
+    change = (value - reference) if higher_is_better else (reference - value)
+    return 100.0 * change / reference
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, setting, method): mean, std, n, gain over scratch, paired wins."""
+    rows = []
+    for (task, setting), group in results.groupby(["task", "setting"], sort=False):
+        higher = get_task(task).metric.higher_is_better
+        reference = group[group.method == REFERENCE].set_index("seed")["value"]
+        for method, runs in group.groupby("method", sort=False):
+            values = runs.set_index("seed")["value"]
+            row = {"task": task, "setting": setting, "method": method,
+                   "metric": runs.metric.iloc[0], "mean": values.mean(),
+                   "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values),
+                   "teacher": runs.teacher_value.iloc[0], "extra_params": runs.extra_params.iloc[0],
+                   "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean()}
+            if len(reference):
+                row["gain_pct"] = relative_gain(values.mean(), reference.mean(), higher)
+                paired = values.index.intersection(reference.index)
+                better = (values[paired] > reference[paired]) if higher else \
+                    (values[paired] < reference[paired])
+                row["wins"] = f"{int(better.sum())}/{len(paired)}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    lines = [f"| method | test {summary.metric.iloc[0]} (mean ± std) | gain vs scratch | beats scratch | n | "
+             "best epoch | s/run | extra params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        gain = f"{r['gain_pct']:+.2f}%" if "gain_pct" in r and pd.notna(r.get("gain_pct")) else "n/a"
+        wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
+        lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
+                     f"{r['n']} | {r['epochs']:.1f} | {r['seconds']:.1f} | {int(r['extra_params'])} |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
+    """Mean validation metric per epoch and method, one PNG per (task, setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    val = curves[curves.name.str.startswith("val_")]
+    for (task, setting), group in val.groupby(["task", "setting"], sort=False):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for method, runs in group.groupby("method", sort=False):
+            mean = runs.groupby("epoch")["value"].mean()
+            ax.plot(mean.index, mean.values, label=method, linewidth=1.5)
+        metric = group.name.iloc[0][len("val_"):]
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation {metric} (mean over seeds)")
+        ax.set_title(f"{task} / {setting}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"curves_{task}_{setting}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(out: Path) -> Path:
+    """Write ``report.md`` and the plots for the runs stored in ``out``."""
+    results_path = Path(out) / "results.csv"
+    if not results_path.is_file():
+        raise UserError(f"no results.csv in {out}; run an experiment first")
+    results = pd.read_csv(results_path)
+    summary = summarise(results)
+    lines = ["# talkingmodels report", "",
+             f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
+             "(positive = better); *beats scratch* counts the seeds on which the method's "
+             "test metric is better than scratch's on the same seed.", ""]
+    for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
+        lines += [f"## {task} / {setting}", "",
+                  f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
+                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), "",
+                  f"![validation curves](curves_{task}_{setting}.png)", ""]
+    curves_path = Path(out) / "curves.csv"
+    if curves_path.is_file():
+        plot_curves(pd.read_csv(curves_path), Path(out))
+    summary.to_csv(Path(out) / "summary.csv", index=False)
+    report = Path(out) / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,176 @@
+"""Hidden states by module name.
+
+Everything here works on an unmodified ``nn.Module`` through forward hooks, so users
+name the layers they want (``"encoder.layer.3"``, ``"mlp.4"``) instead of rewriting
+their model. Three operations:
+
+* :func:`capture` reads the outputs of named submodules during a forward pass;
+* :func:`splice` replaces a submodule's output with a given tensor;
+* :func:`run_between` runs the model's own computation from just after layer ``l``
+  up to layer ``h`` on a given state (the teacher's *interpretation* step of TD).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from talkingmodels.errors import UserError
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """All dotted submodule names of ``model`` (the root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; a clear error listing the nearest valid names."""
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return modules[name]
+    names = module_names(model)
+    near = difflib.get_close_matches(name, names, n=5, cutoff=0.3) or names[:5]
+    raise UserError(
+        f"unknown layer {name!r} in {type(model).__name__}; nearest valid names: {', '.join(near)}"
+    )
+
+
+def _first_tensor(output):
+    """Hugging Face layers return tuples whose first item is the hidden state."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_first(output, tensor):
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    if isinstance(output, list):
+        return [tensor, *output[1:]]
+    return tensor
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Collect the outputs of the named submodules into a dict while the block runs.
+
+    The stored tensors keep their autograd graph, so losses on them train the model.
+    """
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            module = get_module(model, name)
+
+            def hook(_module, _inputs, output, _name=name):
+                store[_name] = _first_tensor(output)
+
+            handles.append(module.register_forward_hook(hook))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def splice(model: nn.Module, name: str, state: torch.Tensor) -> Iterator[None]:
+    """Within the block, the submodule ``name`` outputs ``state`` instead of its own output."""
+    module = get_module(model, name)
+
+    def hook(_module, _inputs, output):
+        own = _first_tensor(output)
+        if own.shape != state.shape:
+            raise UserError(
+                f"shape mismatch at layer {name!r}: the model computes {tuple(own.shape)}, "
+                f"the spliced state is {tuple(state.shape)}"
+            )
+        return _replace_first(output, state)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _ReachedEnd(Exception):
+    """Raised from a hook to skip the work after layer ``h``."""
+
+
+def _sequential_path(model: nn.Module, low: str, high: str) -> list[nn.Module] | None:
+    """The modules strictly after ``low`` up to ``high`` when both are children of one
+    ``nn.Sequential`` (or ``nn.ModuleList`` run in order), else None."""
+    low_parent, _, low_index = low.rpartition(".")
+    high_parent, _, high_index = high.rpartition(".")
+    if low_parent != high_parent or not (low_index.isdigit() and high_index.isdigit()):
+        return None
+    parent = model.get_submodule(low_parent) if low_parent else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    return list(parent[int(low_index) + 1 : int(high_index) + 1])
+
+
+def check_order(model: nn.Module, low: str, high: str, *inputs, **kwargs) -> None:
+    """Raise a UserError unless ``low`` runs before ``high`` in the forward pass."""
+    order: list[str] = []
+    handles = [
+        get_module(model, name).register_forward_hook(lambda *_a, _n=name: order.append(_n))
+        for name in (low, high)
+    ]
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in (low, high):
+        if name not in order:
+            raise UserError(f"layer {name!r} is not called in the forward pass of {type(model).__name__}")
+    if order.index(low) >= order.index(high):
+        raise UserError(f"layer {low!r} must run before layer {high!r} (l before h)")
+
+
+def run_between(
+    model: nn.Module,
+    low: str,
+    high: str | None,
+    state: torch.Tensor,
+    *inputs,
+    fast: bool = True,
+    **kwargs,
+) -> torch.Tensor:
+    """The model's own computation from just after layer ``low`` up to layer ``high``,
+    applied to ``state`` (the output ``low`` would have produced).
+
+    ``high=None`` runs to the model's output. ``inputs``/``kwargs`` are the model's usual
+    forward arguments; the generic path needs them because the layers after ``low`` may
+    read more than ``low``'s output (residual streams, attention masks). It splices
+    ``state`` in at ``low`` and stops the forward pass as soon as ``high`` has run.
+    The fast path (both layers children of one ``nn.Sequential``) runs only the modules
+    in between and ignores ``inputs``. Gradients flow into ``state``.
+    """
+    if fast and high is not None:
+        path = _sequential_path(model, low, high)
+        if path is not None:
+            for module in path:
+                state = module(state)
+            return state
+    result: dict[str, torch.Tensor] = {}
+    handle = None
+    if high is not None:
+        def stop(_module, _inputs, output):
+            result["state"] = _first_tensor(output)
+            raise _ReachedEnd
+
+        handle = get_module(model, high).register_forward_hook(stop)
+    try:
+        with splice(model, low, state):
+            output = model(*inputs, **kwargs)
+        return _first_tensor(output)
+    except _ReachedEnd:
+        return result["state"]
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -1,0 +1,98 @@
+"""The interface of a benchmark task: its data, its teacher, its student, its metric.
+
+A task never knows which method trains its student; it hands the engine a
+:class:`Prepared` setting and the experiments module does the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from talkingmodels.data import Splits
+from talkingmodels.engine import Metric
+from talkingmodels.errors import UserError
+from talkingmodels.methods.base import OutputKind
+
+
+class TaskConfig(BaseModel):
+    """Options every task accepts; subclasses add their own. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+
+
+@dataclass
+class Prepared:
+    """One setting of a task, ready to train students on."""
+
+    setting: str
+    splits: Splits
+    teacher: nn.Module  # frozen, in eval mode
+    teacher_metric: float  # the teacher's metric on this setting's test split
+    build_student: Callable[[], nn.Module]
+    student_layers: tuple[str, str]
+    teacher_layers: tuple[str, str]
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    output: OutputKind
+
+
+class Task:
+    name: ClassVar[str]
+    Config: ClassVar[type[TaskConfig]] = TaskConfig
+    metric: ClassVar[Metric]
+    output: ClassVar[OutputKind]
+    default_settings: ClassVar[tuple[str, ...]]
+    default_train: ClassVar[dict] = {}  # TrainConfig values for this task's students
+    default_methods: ClassVar[dict[str, dict]] = {}  # bench grid: label -> method options
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+
+    def settings(self) -> list[str]:
+        """Every valid setting name."""
+        raise NotImplementedError
+
+    def check_setting(self, setting: str) -> str:
+        valid = self.settings()
+        lookup = {s.lower(): s for s in valid}
+        if setting.lower() not in lookup:
+            raise UserError(f"unknown {self.name} setting {setting!r}; valid settings: {', '.join(valid)}")
+        return lookup[setting.lower()]
+
+    def prepare(self, setting: str) -> Prepared:
+        raise NotImplementedError
+
+    def cache_dir(self) -> Path:
+        if self.config.cache_dir is not None:
+            return Path(self.config.cache_dir)
+        if os.environ.get("TALKINGMODELS_CACHE"):
+            return Path(os.environ["TALKINGMODELS_CACHE"])
+        return Path.home() / ".cache" / "talkingmodels"
+
+
+def config_key(*parts) -> str:
+    """A short stable hash of JSON-able parts: the cache key of a derived artefact."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -62,10 +62,11 @@ class Decoder(nn.Module):
 
 
 class Speaker(nn.Module):
-    """One model's side of the channel: its encoder and its decoder."""
+    """One model's side of the channel: an encoder for the layers it speaks from and a
+    decoder for the layers it listens at (only those, so no parameter stays untrained)."""
 
-    def __init__(self, dims: dict[str, int], message_dim: int, kind: ChannelKind = "linear",
-                 hidden: int = 64):
+    def __init__(self, speaks: dict[str, int], listens: dict[str, int], message_dim: int,
+                 kind: ChannelKind = "linear", hidden: int = 64):
         super().__init__()
-        self.encoder = Encoder(dims, message_dim, kind, hidden)
-        self.decoder = Decoder(dims, message_dim, kind, hidden)
+        self.encoder = Encoder(speaks, message_dim, kind, hidden)
+        self.decoder = Decoder(listens, message_dim, kind, hidden)

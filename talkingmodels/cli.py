@@ -26,9 +26,10 @@ def _csv(text: str) -> list[str]:
 def cmd_run(args) -> None:
     from talkingmodels.experiments import load_config, run_experiment
 
+    start = time.perf_counter()
     exp = load_config(args.config)
     out = args.out or exp.config.out or Path("runs") / Path(args.config).stem
-    _finish(run_experiment(exp, Path(out), force=args.force), time.perf_counter())
+    _finish(run_experiment(exp, Path(out), force=args.force), start)
 
 
 def cmd_bench(args) -> None:
@@ -45,13 +46,13 @@ def cmd_bench(args) -> None:
         options["data_dir"] = args.data_dir
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
-    train = {"epochs": args.epochs} if args.epochs else {}
+    train = {"epochs": args.epochs} if args.epochs is not None else {}
     config = validate(ExperimentConfig, {
         "task": args.task, "settings": _csv(args.settings) if args.settings else None,
         "methods": methods, "seeds": args.seeds, "task_options": options, "train": train,
     }, "bench")
-    exp = resolve(config)
     start = time.perf_counter()
+    exp = resolve(config)
     _finish(run_experiment(exp, Path(args.out or f"runs/{args.task}"), force=args.force), start)
 
 
@@ -69,8 +70,7 @@ def cmd_methods(_args) -> None:
     from talkingmodels.methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:12s} {doc}")
+        print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
 
 
 def cmd_tasks(_args) -> None:

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from talkingmodels import taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 
@@ -71,6 +72,21 @@ def predict(model: nn.Module, split: Split, batch_size: int = 8192) -> torch.Ten
     outputs = [model(*batch.student_inputs) for batch in split.batches(batch_size)]
     model.train(was_training)
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...],
+                       batch_size: int = 8192) -> None:
+    """Store the frozen teacher's states at ``layers`` and its output for every example of
+    ``split`` in ``split.teacher_cache``: the teacher is then never run again on it."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    teacher.eval()
+    for batch in split.batches(batch_size):
+        with taps.capture(teacher, layers) as states:
+            output = teacher(*batch.teacher_inputs)
+        for key, value in {**states, "output": output}.items():
+            parts.setdefault(key, []).append(value)
+    split.teacher_cache = {key: torch.cat(values) for key, values in parts.items()}
 
 
 def evaluate(model: nn.Module, split: Split, metric: Metric, batch_size: int = 8192) -> float:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
-from talkingmodels.engine import TrainConfig, fit, seed_everything
+from talkingmodels.engine import TrainConfig, fit, precompute_teacher, seed_everything
 from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS, ModelPair, get_method
 from talkingmodels.tasks import Prepared, Task, get_task
@@ -173,37 +173,48 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     task = exp.task
     grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
             for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
-    bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run", disable=not progress)
+    # Prepare every setting and build every method once before the first run, so a bad
+    # layer name or missing data is reported before any work (and before the progress bar).
     prepared: dict[str, Prepared] = {}
-    for setting, label, cls, options, seed in grid:
-        if setting not in prepared:
-            prepared[setting] = task.prepare(setting)
-        prep = prepared[setting]
-        where = f"{setting} {label} seed {seed}"
-        bar.set_postfix_str(where, refresh=False)
-        method = build_method(prep, cls, options, seed)
-
-        def on_epoch(row, _bar=bar, _where=where):
-            _bar.set_postfix_str(f"{_where} epoch {row['epoch']} "
-                                 f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
-
-        result = fit(method, prep.splits, task.metric, exp.train, seed, on_epoch)
-        key = {"task": task.name, "setting": setting, "method": label, "seed": seed}
-        _append(results, RESULT_COLUMNS, [{
-            **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
-            "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
-            "best_epoch": result.best_epoch, "epochs": result.epochs,
-            "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
-            "method_name": cls.name,
-        }])
-        _append(curves, CURVE_COLUMNS, [
-            {**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
-            for row in result.history for name, value in row.items()
-            if name not in ("epoch", "stage")
-        ])
-        bar.update()
-    bar.close()
+    for setting in dict.fromkeys(s for s, *_ in grid):
+        prepared[setting] = prep = task.prepare(setting)
+        precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers)
+        for _, cls, options in exp.methods:
+            build_method(prep, cls, options, seed=0)
+    bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run", disable=not progress)
+    try:
+        for setting, label, cls, options, seed in grid:
+            _run_one(task, prepared[setting], label, cls, options, seed, exp.train, out, bar)
+    finally:
+        bar.close()
     return write_report(out)
+
+
+def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: int,
+             train: TrainConfig, out: Path, bar) -> None:
+    """Train one (setting, method, seed) and append its rows to the runs store."""
+    where = f"{prep.setting} {label} seed {seed}"
+    bar.set_postfix_str(where, refresh=False)
+    method = build_method(prep, cls, options, seed)
+
+    def on_epoch(row):
+        bar.set_postfix_str(f"{where} epoch {row['epoch']} "
+                            f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
+
+    result = fit(method, prep.splits, task.metric, train, seed, on_epoch)
+    key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
+    _append(out / "results.csv", RESULT_COLUMNS, [{
+        **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
+        "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
+        "best_epoch": result.best_epoch, "epochs": result.epochs,
+        "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
+        "method_name": cls.name,
+    }])
+    _append(out / "curves.csv", CURVE_COLUMNS, [
+        {**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
+        for row in result.history for name, value in row.items() if name not in ("epoch", "stage")
+    ])
+    bar.update()
 
 
 def registered_methods() -> list[str]:

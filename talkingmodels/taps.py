@@ -29,9 +29,11 @@ def module_names(model: nn.Module) -> list[str]:
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``; a clear error listing the nearest valid names."""
-    modules = dict(model.named_modules())
-    if name in modules and name:
-        return modules[name]
+    if name:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            pass
     names = module_names(model)
     near = difflib.get_close_matches(name, names, n=5, cutoff=0.3) or names[:5]
     raise UserError(
@@ -109,6 +111,8 @@ def _sequential_path(model: nn.Module, low: str, high: str) -> list[nn.Module] |
     parent = model.get_submodule(low_parent) if low_parent else model
     if not isinstance(parent, nn.Sequential):
         return None
+    if int(low_index) >= int(high_index):
+        raise UserError(f"layer {low!r} must run before layer {high!r} (l before h)")
     return list(parent[int(low_index) + 1 : int(high_index) + 1])
 
 
@@ -151,6 +155,9 @@ def run_between(
     The fast path (both layers children of one ``nn.Sequential``) runs only the modules
     in between and ignores ``inputs``. Gradients flow into ``state``.
     """
+    get_module(model, low)
+    if high is not None:
+        get_module(model, high)
     if fast and high is not None:
         path = _sequential_path(model, low, high)
         if path is not None:

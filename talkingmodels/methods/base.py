@@ -116,7 +116,8 @@ class Distiller(nn.Module):
         forward pass of the teacher, without an autograd graph when it is frozen.
         """
         wanted = (*layers, "output")
-        if all(key in batch.teacher_cache for key in wanted):
+        cached = not self.config.unfreeze_teacher  # an unfrozen teacher changes every step
+        if cached and all(key in batch.teacher_cache for key in wanted):
             return {key: batch.teacher_cache[key] for key in wanted}
         with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
             with taps.capture(self.teacher, layers) as states:

@@ -39,6 +39,8 @@ class FeatureMatching:
 
 @register("feature-kd")
 class FeatureKD(FeatureMatching, Distiller):
+    """Task loss + MSE between the regressed student state and the teacher state at h."""
+
     Config = FeatureKDConfig
 
     def __init__(self, pair, config, example):

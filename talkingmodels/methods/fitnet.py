@@ -23,6 +23,8 @@ class FitNetConfig(LogitKDConfig, FeatureKDConfig):
 
 @register("fitnet")
 class FitNet(FeatureMatching, LogitKD):
+    """FitNets (Romero et al. 2015): a hint stage through a regressor, then logit KD."""
+
     Config = FitNetConfig
 
     def __init__(self, pair, config, example):

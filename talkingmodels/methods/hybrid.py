@@ -15,6 +15,8 @@ class HybridConfig(LogitKDConfig, FeatureKDConfig):
 
 @register("hybrid")
 class Hybrid(FeatureMatching, LogitKD):
+    """Logit KD and feature distillation together (the paper's strongest baseline)."""
+
     Config = HybridConfig
 
     def __init__(self, pair, config, example):

@@ -28,6 +28,8 @@ class LogitKDConfig(MethodConfig):
 
 @register("logit-kd")
 class LogitKD(Distiller):
+    """Task loss + w0 * KD towards the teacher's output (Hinton et al. 2015)."""
+
     Config = LogitKDConfig
 
     def logit_term(self, prediction: torch.Tensor, batch: Batch) -> torch.Tensor:

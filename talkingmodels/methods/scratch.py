@@ -6,4 +6,4 @@ from talkingmodels.methods.registry import register
 
 @register("scratch")
 class Scratch(Distiller):
-    """The base class already is plain supervised training."""
+    """The student trained on the task alone (the base class is plain supervised training)."""

@@ -5,7 +5,7 @@ lower layer ``t'_l = D_T(q)``, interprets it with its own frozen layers
 ``t'_h = T[l -> h](t'_l)`` and answers ``a = E_T(t'_h)``; the student reads the answer
 ``s'_h = D_S(a)``. ``L_interact = d(s_h, s'_h)``. Round ``r+1`` asks with ``E_S(s'_h(r))``.
 
-Consistency: ``L_MC = d(E_S(s_h), E_T(t_h))`` and
+Consistency: ``L_MC = d(E_S(s_h), E_T(t_h))`` (also or instead at ``l``: ``mc_layers``) and
 ``L_SC = d(D_T(E_T(t_l)), t_l) + d(D_S(E_S(s_h)), s_h)``.
 Objective: ``L_task + w0 L_kd + w1 L_interact + w2 L_MC + w3 L_SC`` plus two optional
 "answer" terms of ours (see ``answer_kd`` and ``answer_task``).
@@ -38,6 +38,10 @@ class TDConfig(LogitKDConfig):
     w2: float = Field(1.0, ge=0, description="weight of L_MC (message consistency)")
     w3: float = Field(1.0, ge=0, description="weight of L_SC (state consistency)")
     message_consistency: bool = True
+    mc_layers: list[Literal["l", "h"]] = Field(
+        default_factory=lambda: ["h"], min_length=1,
+        description="(ours) layer pairs whose messages L_MC aligns; 'l' grounds the question "
+        "in the teacher's own view of the input")
     state_consistency: bool = True
     stop_gradient: list[Detachable] = Field(
         default_factory=list,
@@ -52,6 +56,8 @@ class TDConfig(LogitKDConfig):
 
 @register("td")
 class TalkingDistillation(LogitKD):
+    """Talking-model Distillation: the student asks, the frozen teacher interprets and answers."""
+
     Config = TDConfig
 
     def __init__(self, pair, config: TDConfig, example: Batch):
@@ -59,8 +65,9 @@ class TalkingDistillation(LogitKD):
         s_dims = self.state_dims(pair.student, pair.student_layers, example.student_inputs)
         t_dims = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)
         args = (config.message_dim, config.channel, config.channel_hidden)
-        self.student_side = Speaker(s_dims, *args)
-        self.teacher_side = Speaker(t_dims, *args)
+        # The student listens at h (answers, L_SC); the teacher listens at l (questions, L_SC).
+        self.student_side = Speaker(s_dims, {"h": s_dims["h"]}, *args)
+        self.teacher_side = Speaker(t_dims, {"l": t_dims["l"]}, *args)
         self.distance = losses.DISTANCES[config.distance]
 
     def interpret(self, question: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -109,7 +116,10 @@ class TalkingDistillation(LogitKD):
                     answer_prediction, batch.target)
 
         if cfg.message_consistency and cfg.w2 > 0:
-            terms["mc"] = cfg.w2 * self.distance(E_S(s_h, "h"), E_T(teacher[t_high], "h"))
+            pairs = {"l": (s_l, teacher[t_low]), "h": (s_h, teacher[t_high])}
+            terms["mc"] = cfg.w2 * sum(
+                self.distance(E_S(pairs[role][0], role), E_T(pairs[role][1], role))
+                for role in cfg.mc_layers) / len(cfg.mc_layers)
         if cfg.state_consistency and cfg.w3 > 0:
             t_l = teacher[t_low]
             terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l)

@@ -164,7 +164,7 @@ class MovieLens(Task):
     metric = Metric("rmse", losses.rmse, higher_is_better=False)
     output = "regression"
     default_settings = ("dense", "sparse")
-    default_train = {"epochs": 40, "batch_size": 256, "lr": 1e-3, "patience": 5}
+    default_train = {"epochs": 100, "batch_size": 256, "lr": 1e-3, "patience": 5}
     default_methods = {
         "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {},
     }
@@ -231,6 +231,7 @@ class MovieLens(Task):
                                   losses.mse), Scratch.Config(), None),
                 splits, self.metric, cfg.teacher_train, seed=cfg.split_seed)
             atomic_save(model.state_dict(), path)
+        model.zero_grad(set_to_none=True)
         model.eval().requires_grad_(False)
         self._teacher = model
         return model

@@ -1,0 +1,312 @@
+"""The command line: a user's mistake is one ``error:`` line naming the bad value, exit 2;
+``run``/``bench`` write the runs store and the report, and skip runs already done."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from talkingmodels import cli, experiments
+from talkingmodels.methods import METHODS
+from talkingmodels.tasks import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+STORE_COLUMNS = ["task", "setting", "method", "seed", "metric", "value"]
+
+
+@pytest.fixture
+def config(task_options) -> dict:
+    """A small valid experiment on the fixture data: 1 seed, 2 epochs, scratch and td."""
+    return {"task": "movielens", "settings": ["dense"], "seeds": 1,
+            "methods": [{"name": "scratch"}, {"name": "td"}],
+            "train": {"epochs": 2, "batch_size": 64, "lr": 0.01},
+            "task_options": copy.deepcopy(task_options)}
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def call(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(err: str, *names: str) -> None:
+    """Exactly one line on stderr, starting with ``error:`` and naming every one of ``names``."""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------------ config errors
+def _set(path: str, value):
+    """A change to the config: set the value at a dotted path (list indices as numbers)."""
+    def apply(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[int(last) if last.isdigit() else last] = value
+    return apply
+
+
+CONFIG_ERRORS = {
+    "unknown top-level key": (_set("epochs", 3), ["'epochs'", "valid keys", "train"]),
+    "unknown train key": (_set("train.epoch", 3), ["'epoch'", "epochs"]),
+    "unknown task option": (_set("task_options.data_dri", "x"), ["'data_dri'", "data_dir"]),
+    "unknown method option": (_set("methods.1.roundz", 2), ["'roundz'", "rounds"]),
+    "negative seeds": (_set("seeds", -1), ["seeds", "-1"]),
+    "no seeds": (_set("seeds", []), ["seeds", "[]"]),
+    "negative rounds": (_set("methods.1.rounds", -1), ["rounds", "-1"]),
+    "zero message_dim": (_set("methods.1.message_dim", 0), ["message_dim", "0"]),
+    "bad stop_gradient": (_set("methods.1.stop_gradient", ["questions"]), ["stop_gradient", "questions"]),
+    "bad distance": (_set("methods.1.distance", "l1"), ["distance", "'l1'"]),
+    "zero learning rate": (_set("train.lr", 0), ["lr", "0"]),
+    "bad teacher dropout": (_set("task_options.teacher.dropout", 1.5), ["dropout", "1.5"]),
+    "unknown method": (_set("methods.1.name", "tdd"), ["'tdd'", "td", "scratch"]),
+    "unknown task": (_set("task", "movielenz"), ["'movielenz'", "movielens"]),
+    "unknown setting": (_set("settings", ["Drma"]), ["'Drma'", "dense", "Drama"]),
+    "unknown genre": (_set("settings", ["dense", "Sci-fy"]), ["'Sci-fy'", "Sci-Fi"]),
+    "duplicate label": (_set("methods.0.name", "td"), ["'td'", "label"]),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_config_errors(case, config, tmp_path, capsys):
+    change, names = CONFIG_ERRORS[case]
+    change(config)
+    path = write(tmp_path / "bad.yaml", config)
+    code, out, err = call(capsys, "run", path, "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_error_line(err, *names)
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("text, names", [
+    ("task: [movielens\nseeds: 1\n", ["not valid YAML"]),
+    ("- task\n- movielens\n", ["must be a YAML mapping", "'task'"]),
+    ("", ["must be a YAML mapping"]),
+])
+def test_config_that_is_not_a_yaml_mapping(text, names, tmp_path, capsys):
+    path = write(tmp_path / "broken.yaml", text)
+    code, _, err = call(capsys, "run", path, "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_error_line(err, str(path), *names)
+
+
+def test_missing_or_unreadable_config(tmp_path, capsys):
+    code, _, err = call(capsys, "run", tmp_path / "nope.yaml")
+    assert code == 2
+    assert_one_error_line(err, "cannot read config", "nope.yaml")
+    # root can read any file, so a directory stands in for an unreadable one
+    (tmp_path / "folder.yaml").mkdir()
+    code, _, err = call(capsys, "run", tmp_path / "folder.yaml")
+    assert code == 2
+    assert_one_error_line(err, "cannot read config", "folder.yaml")
+
+
+# ------------------------------------------------------------------------------ run-time errors
+def layer_error(config, tmp_path):
+    config["task_options"]["student_layers"] = ["mlp.1", "mlp.99"]
+    return ["'mlp.99'", "mlp.1"]
+
+
+def teacher_layer_error(config, tmp_path):
+    config["task_options"]["teacher_layers"] = ["mlp.4", "mlp.1"]  # l after h
+    return ["'mlp.4' must run before", "'mlp.1'"]
+
+
+def missing_data(config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    config["task_options"].update(data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c"),
+                                  download=False)
+    return ["MovieLens-100K not found", str(tmp_path / "empty")]
+
+
+RUN_TIME_ERRORS = [layer_error, teacher_layer_error, missing_data]
+
+
+@pytest.mark.parametrize("make_error", RUN_TIME_ERRORS)
+def test_run_time_errors_exit_2_naming_the_value(make_error, config, tmp_path, capsys):
+    names = make_error(config, tmp_path)
+    code, _, err = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "o")
+    assert code == 2
+    assert "Traceback" not in err
+    (line,) = [line for line in re.split(r"[\r\n]", err) if "error: " in line]
+    for name in names:
+        assert name in line
+
+
+@pytest.mark.parametrize("make_error", RUN_TIME_ERRORS)
+def test_run_time_errors_are_one_line(make_error, config, tmp_path, capsys):
+    names = make_error(config, tmp_path)
+    code, _, err = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "o")
+    assert code == 2
+    assert_one_error_line(err, *names)
+
+
+# ------------------------------------------------------------------------------ bench errors
+@pytest.mark.parametrize("argv, names", [
+    (["bench", "movielenz"], ["'movielenz'", "movielens"]),
+    (["bench", "movielens", "--methods", "scratch,tdd"], ["'tdd'", "td"]),
+    (["bench", "movielens", "--settings", "Drma"], ["'Drma'"]),
+    (["bench", "movielens", "--seeds", "-1"], ["seeds", "-1"]),
+    (["bench", "movielens", "--seeds", "0"], ["seeds", "0"]),
+])
+def test_bench_errors(argv, names, capsys, tmp_path):
+    code, _, err = call(capsys, *argv, "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_error_line(err, *names)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["frobnicate"], ["invalid choice", "'frobnicate'"]),
+    (["bench"], ["task"]),
+    (["bench", "movielens", "--seeds", "many"], ["--seeds", "'many'"]),
+])
+def test_argument_errors(argv, names, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, *names)
+
+
+@pytest.fixture
+def no_grid(monkeypatch):
+    """Replace the grid runner: records its calls and advances a fake clock by 42 s."""
+    calls, clock = [], [1000.0]
+
+    def fake_run(exp, out, force=False, progress=True):
+        calls.append(exp)
+        clock[0] += 42.0
+        return Path(out) / "report.md"
+
+    monkeypatch.setattr(experiments, "run_experiment", fake_run)
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return calls
+
+
+def test_bench_rejects_zero_epochs(no_grid, capsys, tmp_path):
+    code, _, err = call(capsys, "bench", "movielens", "--epochs", "0", "--out", tmp_path)
+    assert code == 2 and not no_grid
+    assert_one_error_line(err, "epochs", "0")
+
+
+def test_bench_reports_its_duration(no_grid, capsys, tmp_path):
+    code, out, _ = call(capsys, "bench", "movielens", "--seeds", "1", "--out", tmp_path)
+    assert code == 0 and len(no_grid) == 1
+    assert "in 42 s" in out
+
+
+def test_run_reports_its_duration(no_grid, config, capsys, tmp_path):
+    code, out, _ = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "o")
+    assert code == 0 and len(no_grid) == 1
+    assert "in 42 s" in out
+
+
+# ------------------------------------------------------------------------------ listings
+def test_methods_and_tasks_are_listed(capsys):
+    code, out, _ = call(capsys, "methods")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == sorted(METHODS)
+    code, out, _ = call(capsys, "tasks")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == sorted(TASKS)
+    assert "rmse" in out
+
+
+# ------------------------------------------------------------------------------ real runs
+def check_store(out: Path, methods: list[str]) -> list[dict]:
+    rows = read_rows(out / "results.csv")
+    with open(out / "results.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header[: len(STORE_COLUMNS)] == STORE_COLUMNS
+    assert sorted(row["method"] for row in rows) == sorted(methods)
+    for row in rows:
+        key = (row["task"], row["setting"], row["seed"], row["metric"])
+        assert key == ("movielens", "dense", "0", "rmse")
+        assert 0.3 < float(row["value"]) < 2.0
+    report = (out / "report.md").read_text()
+    assert "## movielens / dense" in report and all(f"| {m} |" in report for m in methods)
+    (png,) = out.glob("*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows
+
+
+def test_run_writes_the_store_and_skips_done_runs(config, tmp_path, capsys):
+    path = write(tmp_path / "tiny.yaml", config)
+    out = tmp_path / "out"
+    code, stdout, err = call(capsys, "run", path, "--out", out)
+    assert code == 0, err
+    assert "report.md" in stdout
+    rows = check_store(out, ["scratch", "td"])
+    before = (out / "results.csv").read_text()
+    code, _, err = call(capsys, "run", path, "--out", out)
+    assert code == 0, err
+    assert (out / "results.csv").read_text() == before  # already done: no new rows
+    assert len(read_rows(out / "results.csv")) == len(rows) == 2
+    # the report can be rewritten alone; a folder without a store is an error
+    code, stdout, _ = call(capsys, "report", out)
+    assert code == 0 and "report.md" in stdout
+    code, _, err = call(capsys, "report", tmp_path)
+    assert code == 2
+    assert_one_error_line(err, "no results.csv", str(tmp_path))
+
+
+def python_m(*argv, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "talkingmodels", *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_subprocess_error_is_one_line(tmp_path):
+    done = python_m("run", "missing.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_error_line(done.stderr, "missing.yaml")
+    assert done.stdout == ""
+
+
+def test_subprocess_bench(ml_dir, tmp_path):
+    argv = ["bench", "movielens", "--settings", "dense", "--methods", "scratch,td", "--seeds", "1",
+            "--epochs", "2", "--data-dir", ml_dir, "--cache-dir", tmp_path / "cache", "--out",
+            tmp_path / "out"]
+    done = python_m(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    check_store(tmp_path / "out", ["scratch", "td"])
+    before = (tmp_path / "out" / "results.csv").read_text()
+    done = python_m(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "results.csv").read_text() == before
+
+
+# ------------------------------------------------------------------------------ shipped configs
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS or [None], ids=[p.name for p in CONFIGS] or ["none"])
+def test_shipped_configs_validate(path):
+    if path is None:
+        pytest.skip("no configs/*.yaml in the repo")
+    exp = experiments.load_config(path)
+    assert exp.methods and exp.settings and exp.seeds

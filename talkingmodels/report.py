@@ -67,11 +67,21 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for method, runs in group.groupby("method", sort=False):
             mean = runs.groupby("epoch")["value"].mean()
-            ax.plot(mean.index, mean.values, label=method, linewidth=1.5)
+            # Solid while every seed still trains; dotted once early stopping has ended some
+            # (the mean of the survivors is then a biased view).
+            complete = int(runs.groupby("seed")["epoch"].max().min())
+            line, = ax.plot(mean.index[mean.index <= complete], mean[mean.index <= complete],
+                            label=method, linewidth=1.5)
+            ax.plot(mean.index[mean.index >= complete], mean[mean.index >= complete],
+                    linestyle=":", linewidth=1.0, color=line.get_color())
+        # Zoom on where methods differ; a diverging run must not flatten every other curve.
+        means = group.groupby(["method", "epoch"])["value"].mean()
+        low, high = means.min(), means.quantile(0.9)
+        ax.set_ylim(low - 0.05 * (high - low), high)
         metric = group.name.iloc[0][len("val_"):]
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation {metric} (mean over seeds)")
-        ax.set_title(f"{task} / {setting}")
+        ax.set_title(f"{task} / {setting} (dotted: some seeds stopped early)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

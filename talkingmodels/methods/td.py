@@ -52,6 +52,9 @@ class TDConfig(LogitKDConfig):
         0.0, ge=0, description="(ours) weight of KD towards the teacher's head applied to t'_h")
     answer_task: float = Field(
         0.0, ge=0, description="(ours) weight of the task loss of the student's head on s'_h")
+    answer_fit: float = Field(
+        0.0, ge=0, description="(ours) weight of the task loss of the teacher's head on t'_h: "
+        "the student must ask questions from which the teacher can answer the task")
 
 
 @register("td")
@@ -102,12 +105,16 @@ class TalkingDistillation(LogitKD):
                 answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
                 interact = interact + self.distance(answer, target)
             terms["interact"] = cfg.w1 * interact / cfg.rounds
-            if cfg.answer_kd > 0:
+            if cfg.answer_kd > 0 or cfg.answer_fit > 0:
                 # The teacher's own head reads its interpretation: an answer in output space.
                 answer_output = taps.run_between(self.teacher, t_high, None, t_high_answer,
                                                  *batch.teacher_inputs)
-                terms["answer_kd"] = cfg.answer_kd * output_kd(
-                    prediction, answer_output.detach(), self.pair.output, cfg.temperature)
+                if cfg.answer_kd > 0:
+                    terms["answer_kd"] = cfg.answer_kd * output_kd(
+                        prediction, answer_output.detach(), self.pair.output, cfg.temperature)
+                if cfg.answer_fit > 0:
+                    terms["answer_fit"] = cfg.answer_fit * self.pair.task_loss(
+                        answer_output, batch.target)
             if cfg.answer_task > 0:
                 # The student's own head must solve the task from the answer it was given.
                 answer_prediction = taps.run_between(self.student, s_high, None, s_high_answer,

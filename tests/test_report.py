@@ -1,0 +1,37 @@
+"""The report's numbers: relative gains in both metric directions and paired win counts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from talkingmodels.report import relative_gain, summarise, write_report
+
+
+def test_relative_gain_by_hand():
+    # RMSE (lower is better): 0.90 against scratch 1.00 is a 10% improvement
+    assert relative_gain(0.90, 1.00, higher_is_better=False) == pytest.approx(10.0)
+    assert relative_gain(1.10, 1.00, higher_is_better=False) == pytest.approx(-10.0)
+    # accuracy (higher is better): 0.88 against 0.80 is +10%
+    assert relative_gain(0.88, 0.80, higher_is_better=True) == pytest.approx(10.0)
+
+
+def rows(method, values):
+    return [{"task": "movielens", "setting": "dense", "method": method, "seed": seed,
+             "metric": "rmse", "value": v, "val_value": v, "teacher_value": 0.9,
+             "best_epoch": 3, "epochs": 5, "seconds": 1.0, "extra_params": 0,
+             "method_name": method} for seed, v in enumerate(values)]
+
+
+def test_summary_by_hand(tmp_path):
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0, 1.0]) + rows("td", [0.9, 1.1, 0.8]))
+    summary = summarise(results).set_index("method")
+    # td: mean 0.9333, std sqrt(((0.9-.9333)^2 + (1.1-.9333)^2 + (0.8-.9333)^2) / 2) = 0.15275
+    assert summary.loc["td", "mean"] == pytest.approx(0.933333, abs=1e-6)
+    assert summary.loc["td", "std"] == pytest.approx(0.152753, abs=1e-6)
+    assert summary.loc["td", "gain_pct"] == pytest.approx(6.666667, abs=1e-5)
+    assert summary.loc["td", "wins"] == "2/3"  # seeds 0 and 2 beat scratch, seed 1 does not
+    results.to_csv(tmp_path / "results.csv", index=False)
+    text = write_report(tmp_path).read_text()
+    assert "| td | 0.9333 ± 0.1528 | +6.67% | 2/3 |" in text
+    assert "Teacher (frozen, pre-trained) test rmse: 0.9000" in text

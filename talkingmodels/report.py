@@ -30,6 +30,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             row = {"task": task, "setting": setting, "method": method,
                    "metric": runs.metric.iloc[0], "mean": values.mean(),
                    "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values),
+                   "val_mean": runs.val_value.mean(),
                    "teacher": runs.teacher_value.iloc[0], "extra_params": runs.extra_params.iloc[0],
                    "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean()}
             if len(reference):
@@ -43,14 +44,16 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    lines = [f"| method | test {summary.metric.iloc[0]} (mean ± std) | gain vs scratch | beats scratch | n | "
-             "best epoch | s/run | extra params |",
-             "|---|---|---|---|---|---|---|---|"]
+    metric = summary.metric.iloc[0]
+    lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
+             f"val {metric} | best epoch | s/run | extra params |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         gain = f"{r['gain_pct']:+.2f}%" if "gain_pct" in r and pd.notna(r.get("gain_pct")) else "n/a"
         wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
         lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
-                     f"{r['n']} | {r['epochs']:.1f} | {r['seconds']:.1f} | {int(r['extra_params'])} |")
+                     f"{r['n']} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | "
+                     f"{int(r['extra_params'])} |")
     return "\n".join(lines)
 
 

@@ -303,3 +303,26 @@ def test_frozen_teacher_is_served_from_the_cache_an_unfrozen_one_is_not(dense, b
     live = float(unfrozen.forward_train(with_cache(batch, bogus))[1]["kd"].detach())
     assert live == pytest.approx(plain, abs=1e-6)
     assert live != pytest.approx(float(terms["kd"].detach()))
+
+
+def test_td_interpretation_of_its_own_state_is_its_own_state(dense, batch):
+    """With listen='add' and a silent decoder, the teacher interprets its own state at l:
+    t'_h must equal its own t_h. With listen='replace' and a decoder that outputs t_l
+    exactly, the same holds. Both pin down what `interpret` feeds the teacher."""
+    method = build(dense, "td", listen="add")
+    t_low, t_high = dense.teacher_layers
+    own = method.teacher_states(batch, (t_low, t_high))
+    decoder = method.teacher_side.decoder.outputs["l"]
+    with torch.no_grad():
+        decoder.weight.zero_()
+        decoder.bias.zero_()
+    question = torch.randn(len(batch.target), method.config.message_dim)
+    assert torch.allclose(method.interpret(question, own[t_low], batch), own[t_high], atol=1e-6)
+
+    method = build(dense, "td", listen="replace")
+    heard = method.interpret(torch.zeros(len(batch.target), method.config.message_dim),
+                             own[t_low], batch)
+    # a zero question decodes to the decoder's bias alone: the interpretation of that state
+    bias_state = method.teacher_side.decoder(torch.zeros(1, method.config.message_dim), "l")
+    expected = taps.run_between(method.teacher, t_low, t_high, bias_state.expand_as(own[t_low]))
+    assert torch.allclose(heard, expected, atol=1e-6)

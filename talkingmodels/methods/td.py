@@ -48,6 +48,10 @@ class TDConfig(LogitKDConfig):
         description="question: the student's lower layers do not learn through its question; "
         "answer: s'_h is a fixed target for s_h; student_state: s_h is a fixed target for s'_h",
     )
+    listen: Literal["replace", "add"] = Field(
+        "replace", description="how the teacher reads a question into its layer l: 'replace' its "
+        "state by D_T(q) (the paper), or (ours) 'add' D_T(q) to its own state t_l of the same "
+        "input, so that its interpretation keeps what it knows about that input")
     answer_kd: float = Field(
         0.0, ge=0, description="(ours) weight of KD towards the teacher's head applied to t'_h")
     answer_task: float = Field(
@@ -73,11 +77,13 @@ class TalkingDistillation(LogitKD):
         self.teacher_side = Speaker(t_dims, {"l": t_dims["l"]}, *args)
         self.distance = losses.DISTANCES[config.distance]
 
-    def interpret(self, question: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
         t_low, t_high = self.pair.teacher_layers
-        t_low_state = self.teacher_side.decoder(question, "l")
-        return taps.run_between(self.teacher, t_low, t_high, t_low_state, *batch.teacher_inputs)
+        heard = self.teacher_side.decoder(question, "l")
+        if self.config.listen == "add":
+            heard = t_l + heard
+        return taps.run_between(self.teacher, t_low, t_high, heard, *batch.teacher_inputs)
 
     def forward_train(self, batch: Batch):
         cfg = self.config
@@ -99,7 +105,7 @@ class TalkingDistillation(LogitKD):
             for r in range(cfg.rounds):
                 # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
                 question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
-                t_high_answer = self.interpret(question, batch)
+                t_high_answer = self.interpret(question, teacher[t_low], batch)
                 s_high_answer = D_S(E_T(t_high_answer, "h"), "h")
                 target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
                 answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer

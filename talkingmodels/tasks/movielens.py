@@ -164,7 +164,7 @@ class MovieLens(Task):
     metric = Metric("rmse", losses.rmse, higher_is_better=False)
     output = "regression"
     default_settings = ("dense", "sparse")
-    default_train = {"epochs": 100, "batch_size": 256, "lr": 1e-3, "patience": 10}
+    default_train = {"epochs": 200, "batch_size": 256, "lr": 1e-3, "patience": 10}
     default_methods = {
         "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {},
     }

@@ -57,6 +57,24 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
+    """``focus`` against every other method of one setting, paired by seed (same split,
+    same student initialisation): mean difference and the seeds on which ``focus`` wins."""
+    higher = get_task(results.task.iloc[0]).metric.higher_is_better
+    table = results.pivot_table(index="seed", columns="method", values="value")
+    if focus not in table:
+        return ""
+    lines = [f"| {focus} against | mean difference ({focus} better if > 0) | {focus} better on |",
+             "|---|---|---|"]
+    for other in table.columns:
+        if other == focus:
+            continue
+        pair = table[[focus, other]].dropna()
+        diff = (pair[focus] - pair[other]) * (1 if higher else -1)
+        lines.append(f"| {other} | {diff.mean():+.4f} | {int((diff > 0).sum())}/{len(diff)} |")
+    return "\n".join(lines)
+
+
 def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
     """Mean validation metric per epoch and method, one PNG per (task, setting)."""
     import matplotlib
@@ -109,8 +127,11 @@ def write_report(out: Path) -> Path:
     for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
         lines += [f"## {task} / {setting}", "",
                   f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
-                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), "",
-                  f"![validation curves](curves_{task}_{setting}.png)", ""]
+                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), ""]
+        paired = paired_table(results[(results.task == task) & (results.setting == setting)])
+        if paired:
+            lines += ["Paired by seed:", "", paired, ""]
+        lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
     curves_path = Path(out) / "curves.csv"
     if curves_path.is_file():
         plot_curves(pd.read_csv(curves_path), Path(out))

@@ -35,3 +35,5 @@ def test_summary_by_hand(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| td | 0.9333 ± 0.1528 | +6.67% | 2/3 |" in text
     assert "Teacher (frozen, pre-trained) test rmse: 0.9000" in text
+    # paired by seed: td - scratch = (-0.1, +0.1, -0.2) in RMSE, i.e. +0.0667 better on average
+    assert "| scratch | +0.0667 | 2/3 |" in text

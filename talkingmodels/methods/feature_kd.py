@@ -32,9 +32,13 @@ class FeatureMatching:
         index = 0 if self.config.layer == "l" else 1
         return self.pair.student_layers[index], self.pair.teacher_layers[index]
 
-    def feature_term(self, student_state: torch.Tensor, teacher_state: torch.Tensor) -> torch.Tensor:
-        mapped = self.regressor(student_state, self.config.layer)
-        return self.config.feature_weight * losses.mse(mapped, teacher_state)
+    def feature_forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's prediction and the weighted feature-matching term."""
+        s_name, t_name = self.layer_names()
+        prediction, states = self.student_states(batch, (s_name,))
+        teacher = self.teacher_states(batch, (t_name,))
+        mapped = self.regressor(states[s_name], self.config.layer)
+        return prediction, self.config.feature_weight * losses.mse(mapped, teacher[t_name])
 
 
 @register("feature-kd")
@@ -48,10 +52,5 @@ class FeatureKD(FeatureMatching, Distiller):
         self.build_regressor(example)
 
     def forward_train(self, batch: Batch):
-        s_name, t_name = self.layer_names()
-        prediction, states = self.student_states(batch, (s_name,))
-        teacher = self.teacher_states(batch, (t_name,))
-        return prediction, {
-            "task": self.pair.task_loss(prediction, batch.target),
-            "feature": self.feature_term(states[s_name], teacher[t_name]),
-        }
+        prediction, feature = self.feature_forward(batch)
+        return prediction, {"task": self.pair.task_loss(prediction, batch.target), "feature": feature}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from talkingmodels.data import Batch
-from talkingmodels.methods.base import Distiller, Stage
+from talkingmodels.methods.base import Stage
 from talkingmodels.methods.feature_kd import FeatureKDConfig, FeatureMatching
 from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig
 from talkingmodels.methods.registry import register
@@ -28,7 +28,7 @@ class FitNet(FeatureMatching, LogitKD):
     Config = FitNetConfig
 
     def __init__(self, pair, config, example):
-        Distiller.__init__(self, pair, config, example)
+        super().__init__(pair, config, example)
         self.build_regressor(example)
 
     def stages(self) -> list[Stage]:
@@ -37,10 +37,8 @@ class FitNet(FeatureMatching, LogitKD):
     def forward_train(self, batch: Batch):
         if self.stage == "main":
             return LogitKD.forward_train(self, batch)
-        s_name, t_name = self.layer_names()
-        prediction, states = self.student_states(batch, (s_name,))
-        teacher = self.teacher_states(batch, (t_name,))
-        return prediction, {"hint": self.feature_term(states[s_name], teacher[t_name])}
+        prediction, hint = self.feature_forward(batch)
+        return prediction, {"hint": hint}
 
     def learnable_parameters(self):
         params = super().learnable_parameters()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from talkingmodels.data import Batch
-from talkingmodels.methods.base import Distiller
 from talkingmodels.methods.feature_kd import FeatureKDConfig, FeatureMatching
 from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig
 from talkingmodels.methods.registry import register
@@ -20,15 +19,13 @@ class Hybrid(FeatureMatching, LogitKD):
     Config = HybridConfig
 
     def __init__(self, pair, config, example):
-        Distiller.__init__(self, pair, config, example)
+        super().__init__(pair, config, example)
         self.build_regressor(example)
 
     def forward_train(self, batch: Batch):
-        s_name, t_name = self.layer_names()
-        prediction, states = self.student_states(batch, (s_name,))
-        teacher = self.teacher_states(batch, (t_name,))
+        prediction, feature = self.feature_forward(batch)
         return prediction, {
             "task": self.pair.task_loss(prediction, batch.target),
             "kd": self.logit_term(prediction, batch),
-            "feature": self.feature_term(states[s_name], teacher[t_name]),
+            "feature": feature,
         }

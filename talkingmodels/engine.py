@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -98,57 +100,122 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _own_state(method: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's state without the frozen teacher (it never changes, and can be large)."""
+    frozen = not method.config.unfreeze_teacher
+    return {k: v for k, v in method.state_dict().items()
+            if not (frozen and k.startswith("teacher."))}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, fsync, rename: a crash leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as exc:  # truncated or corrupted: never resume from it silently
+        raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to "
+                        "start this run again") from None
+
+
 def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, seed: int,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None,
+        checkpoint: Path | None = None) -> FitResult:
     """Train ``method`` (a Distiller) and return the selected student's metrics.
 
-    ``method.student`` is left holding the selected weights.
+    ``method.student`` is left holding the selected weights. With ``checkpoint``, the full
+    training state (method, optimiser, RNGs, data order, best-so-far) is written there after
+    every epoch, and a run whose checkpoint exists continues from it, ending exactly as the
+    uninterrupted run would (same seed, CPU).
     """
     start = time.perf_counter()
     order = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
-    best_val, best_epoch, best_state = None, 0, None
-    epoch = 0
-    for stage in method.stages():
+    run = {"stage": 0, "stage_epoch": 0, "epoch": 0, "stale": 0, "done": False,
+           "best_val": None, "best_epoch": 0, "best_state": None, "history": []}
+    saved = None
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = load_checkpoint(Path(checkpoint))
+        keys = method.load_state_dict(saved["method"], strict=False)
+        if keys.unexpected_keys or any(not k.startswith("teacher.") for k in keys.missing_keys):
+            raise UserError(f"checkpoint {checkpoint} belongs to another model or method")
+        order.set_state(saved["order"])
+        _set_rng_state(saved["rng"])
+        run = saved["run"]
+    stages = method.stages()
+    for index in range(run["stage"], len(stages)):
+        stage = stages[index]
         method.stage = stage.name
         optimizer = make_optimizer(method.learnable_parameters(), cfg)
+        if saved is not None and index == saved["run"]["stage"]:
+            optimizer.load_state_dict(saved["optimizer"])
+        else:
+            run.update(stage=index, stage_epoch=0, stale=0, done=False)
         budget = stage.epochs or cfg.epochs
-        stale = 0
-        for _ in range(budget):
-            epoch += 1
-            method.train()
-            sums: dict[str, torch.Tensor] = {}
-            steps = 0
-            for batch in splits.train.batches(cfg.batch_size, order):
-                _, terms = method.forward_train(batch)
-                loss = sum(terms.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach()
-                steps += 1
-            row = {"epoch": epoch, "stage": stage.name}
-            row.update({f"loss_{k}": float(v) / steps for k, v in sums.items()})
-            bad = [k for k, v in row.items() if k.startswith("loss_") and not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"non-finite {bad[0]} in epoch {epoch} ({stage.name} stage)")
+        while not run["done"] and run["stage_epoch"] < budget:
+            run["epoch"] += 1
+            run["stage_epoch"] += 1
+            row = _train_epoch(method, splits, cfg, optimizer, order, run["epoch"], stage.name)
             val = evaluate(method.student, splits.val, metric, cfg.eval_batch_size)
             row[f"val_{metric.name}"] = val
-            history.append(row)
+            run["history"].append(row)
+            if stage.select:
+                if run["best_val"] is None or metric.better(val, run["best_val"]):
+                    run.update(best_val=val, best_epoch=run["epoch"], stale=0,
+                               best_state=copy.deepcopy(method.student.state_dict()))
+                else:
+                    run["stale"] += 1
+                    run["done"] = run["stale"] >= cfg.patience
+            if checkpoint is not None:
+                save_checkpoint(Path(checkpoint), {
+                    "method": _own_state(method), "optimizer": optimizer.state_dict(),
+                    "order": order.get_state(), "rng": _rng_state(), "run": run})
             if on_epoch:
                 on_epoch(row)
-            if not stage.select:
-                continue
-            if best_val is None or metric.better(val, best_val):
-                best_val, best_epoch, stale = val, epoch, 0
-                best_state = copy.deepcopy(method.student.state_dict())
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-    if best_state is None:
+    if run["best_state"] is None:
         raise UserError("the method has no stage with model selection; nothing to report")
-    method.student.load_state_dict(best_state)
+    method.student.load_state_dict(run["best_state"])
     test = evaluate(method.student, splits.test, metric, cfg.eval_batch_size)
-    return FitResult(best_val, test, best_epoch, epoch, time.perf_counter() - start, history)
+    return FitResult(run["best_val"], test, run["best_epoch"], run["epoch"],
+                     time.perf_counter() - start, run["history"])
+
+
+def _train_epoch(method, splits: Splits, cfg: TrainConfig, optimizer, order: torch.Generator,
+                 epoch: int, stage: str) -> dict:
+    """One pass over the shuffled training split; the mean of each loss term."""
+    method.train()
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for batch in splits.train.batches(cfg.batch_size, order):
+        _, terms = method.forward_train(batch)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+        steps += 1
+    row = {"epoch": epoch, "stage": stage}
+    row.update({f"loss_{k}": float(v) / steps for k, v in sums.items()})
+    bad = [k for k, v in row.items() if k.startswith("loss_") and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite {bad[0]} in epoch {epoch} ({stage} stage)")
+    return row

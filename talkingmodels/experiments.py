@@ -166,8 +166,9 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     if not os.access(out, os.W_OK):
         raise UserError(f"output directory {out} is not writable")
     results, curves = out / "results.csv", out / "curves.csv"
+    checkpoints = out / "checkpoints"
     if force:
-        for path in (results, curves):
+        for path in (results, curves, *checkpoints.glob("*.pt")):
             path.unlink(missing_ok=True)
     done = _done(results)
     task = exp.task
@@ -201,7 +202,9 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
         bar.set_postfix_str(f"{where} epoch {row['epoch']} "
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
-    result = fit(method, prep.splits, task.metric, train, seed, on_epoch)
+    # A run interrupted midway continues from its last epoch when the grid is run again.
+    checkpoint = out / "checkpoints" / f"{prep.setting}__{label}__{seed}.pt"
+    result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint)
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
     _append(out / "results.csv", RESULT_COLUMNS, [{
         **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
@@ -214,6 +217,7 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
         {**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
         for row in result.history for name, value in row.items() if name not in ("epoch", "stage")
     ])
+    checkpoint.unlink()  # the run is in the store now
     bar.update()
 
 

@@ -1,0 +1,77 @@
+"""Checkpoints: a run stopped after any epoch and resumed ends exactly like the
+uninterrupted run (same seed, CPU); a corrupt checkpoint is reported, never used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from talkingmodels import experiments
+from talkingmodels.engine import TrainConfig, fit
+from talkingmodels.errors import UserError
+from talkingmodels.methods import METHODS
+from talkingmodels.tasks.movielens import MovieLens
+
+TRAIN = TrainConfig(epochs=6, batch_size=64, lr=1e-2, patience=3)
+
+
+class Killed(Exception):
+    """Stands in for a process killed right after an epoch's checkpoint was written."""
+
+
+def run(prepared, name, checkpoint=None, kill_after=None, **options):
+    cls = METHODS[name]
+    method = experiments.build_method(prepared, cls, cls.Config(**options), seed=7)
+
+    def on_epoch(row):
+        if row["epoch"] == kill_after:
+            raise Killed
+
+    result = fit(method, prepared.splits, MovieLens.metric, TRAIN, seed=7, on_epoch=on_epoch,
+                 checkpoint=checkpoint)
+    return method, result
+
+
+def assert_same(a, b):
+    (method_a, result_a), (method_b, result_b) = a, b
+    assert (result_a.test, result_a.val, result_a.best_epoch, result_a.epochs) == \
+        (result_b.test, result_b.val, result_b.best_epoch, result_b.epochs)
+    assert result_a.history == result_b.history
+    sa, sb = method_a.state_dict(), method_b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name,options,kill_after", [
+    ("td", {}, 1), ("td", {}, 4), ("td", {"rounds": 2}, 2),
+    ("fitnet", {"hint_epochs": 2}, 1),  # inside the hint stage
+    ("fitnet", {"hint_epochs": 2}, 2),  # at the boundary between the two stages
+    ("hybrid", {}, 3),
+])
+def test_resumed_run_equals_uninterrupted(dense, tmp_path, name, options, kill_after):
+    whole = run(dense, name, **options)
+    path = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        run(dense, name, checkpoint=path, kill_after=kill_after, **options)
+    assert path.exists()
+    assert_same(whole, run(dense, name, checkpoint=path, **options))
+
+
+def test_checkpointing_does_not_change_the_run(dense, tmp_path):
+    assert_same(run(dense, "td"), run(dense, "td", checkpoint=tmp_path / "run.pt"))
+
+
+def test_corrupt_checkpoint_is_reported(dense, tmp_path):
+    path = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        run(dense, "td", checkpoint=path, kill_after=1)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match="unreadable"):
+        run(dense, "td", checkpoint=path)
+
+
+def test_checkpoint_of_another_method_is_refused(dense, tmp_path):
+    path = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        run(dense, "scratch", checkpoint=path, kill_after=1)
+    with pytest.raises(UserError, match="another model or method"):
+        run(dense, "td", checkpoint=path)

@@ -57,6 +57,26 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def overview_table(summary: pd.DataFrame) -> str:
+    """Methods as rows, settings side by side: validation and test mean (± std over seeds)."""
+    settings = list(dict.fromkeys(summary.setting))
+    metric = summary.metric.iloc[0]
+    head = " | ".join(f"{s}: val {metric} | {s}: test {metric} | {s}: gain" for s in settings)
+    lines = [f"| method | {head} |", "|---" * (1 + 3 * len(settings)) + "|"]
+    for method in dict.fromkeys(summary.method):
+        cells = []
+        for setting in settings:
+            row = summary[(summary.method == method) & (summary.setting == setting)]
+            if row.empty:
+                cells += ["n/a"] * 3
+                continue
+            r = row.iloc[0]
+            gain = f"{r['gain_pct']:+.2f}%" if pd.notna(r.get("gain_pct")) else "n/a"
+            cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", gain]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
     """``focus`` against every other method of one setting, paired by seed (same split,
     same student initialisation): mean difference and the seeds on which ``focus`` wins."""
@@ -124,6 +144,9 @@ def write_report(out: Path) -> Path:
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
              "test metric is better than scratch's on the same seed.", ""]
+    for task, group in summary.groupby("task", sort=False):
+        if group.setting.nunique() > 1:
+            lines += [f"## {task}: all settings", "", overview_table(group), ""]
     for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
         lines += [f"## {task} / {setting}", "",
                   f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "

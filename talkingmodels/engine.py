@@ -10,7 +10,6 @@ model selection on, the best epoch's student is kept and training stops after
 from __future__ import annotations
 
 import copy
-import math
 import os
 import random
 import time
@@ -198,11 +197,20 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
                      time.perf_counter() - start, run["history"])
 
 
+class NumericalFault(Exception):
+    """A loss term became NaN or infinite; the message names the term, epoch and step."""
+
+
 def _train_epoch(method, splits: Splits, cfg: TrainConfig, optimizer, order: torch.Generator,
                  epoch: int, stage: str) -> dict:
-    """One pass over the shuffled training split; the mean of each loss term."""
+    """One pass over the shuffled training split; the mean of each loss term.
+
+    Non-finite terms are tracked with tensor ops (the first bad step per term) and checked
+    once at the end of the epoch, so the loop never waits on a per-step host sync.
+    """
     method.train()
     sums: dict[str, torch.Tensor] = {}
+    first_bad: dict[str, torch.Tensor] = {}
     steps = 0
     for batch in splits.train.batches(cfg.batch_size, order):
         _, terms = method.forward_train(batch)
@@ -211,11 +219,17 @@ def _train_epoch(method, splits: Splits, cfg: TrainConfig, optimizer, order: tor
         loss.backward()
         optimizer.step()
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach()
+            value = value.detach()
+            sums[name] = sums.get(name, 0.0) + value
+            seen = first_bad.get(name, torch.tensor(-1))
+            first_bad[name] = torch.where((seen < 0) & ~torch.isfinite(value),
+                                          torch.tensor(steps), seen)
         steps += 1
+    faults = {name: int(step) for name, step in first_bad.items() if int(step) >= 0}
+    if faults:
+        name = min(faults, key=faults.get)
+        raise NumericalFault(f"loss term {name!r} became non-finite at step {faults[name] + 1} "
+                             f"of epoch {epoch} ({stage} stage)")
     row = {"epoch": epoch, "stage": stage}
     row.update({f"loss_{k}": float(v) / steps for k, v in sums.items()})
-    bad = [k for k, v in row.items() if k.startswith("loss_") and not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"non-finite {bad[0]} in epoch {epoch} ({stage} stage)")
     return row

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
-from talkingmodels.engine import TrainConfig, fit, precompute_teacher, seed_everything
+from talkingmodels.engine import (
+    NumericalFault,
+    TrainConfig,
+    fit,
+    precompute_teacher,
+    seed_everything,
+)
 from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS, ModelPair, get_method
 from talkingmodels.tasks import Prepared, Task, get_task
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
-                  "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name"]
+                  "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
+                  "status"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
 
 
@@ -204,14 +212,24 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
 
     # A run interrupted midway continues from its last epoch when the grid is run again.
     checkpoint = out / "checkpoints" / f"{prep.setting}__{label}__{seed}.pt"
-    result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint)
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
+    try:
+        result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint)
+    except NumericalFault as fault:
+        # Recorded as failed (the report shows it); the last good checkpoint stays on disk.
+        tqdm.write(f"run {prep.setting} {label} seed {seed} failed: {fault}", file=sys.stderr)
+        _append(out / "results.csv", RESULT_COLUMNS, [{
+            **key, "metric": task.metric.name, "value": "nan", "val_value": "nan",
+            "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
+            "extra_params": method.extra_parameter_count(), "status": f"failed: {fault}"}])
+        bar.update()
+        return
     _append(out / "results.csv", RESULT_COLUMNS, [{
         **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
         "best_epoch": result.best_epoch, "epochs": result.epochs,
         "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
-        "method_name": cls.name,
+        "method_name": cls.name, "status": "ok",
     }])
     _append(out / "curves.csv", CURVE_COLUMNS, [
         {**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}

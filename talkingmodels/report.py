@@ -24,15 +24,17 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (task, setting), group in results.groupby(["task", "setting"], sort=False):
         higher = get_task(task).metric.higher_is_better
-        reference = group[group.method == REFERENCE].set_index("seed")["value"]
+        reference = group[group.method == REFERENCE].set_index("seed")["value"].dropna()
         for method, runs in group.groupby("method", sort=False):
-            values = runs.set_index("seed")["value"]
+            failed = runs[runs.value.isna()]  # kept in the store, shown, not averaged
+            values = runs.set_index("seed")["value"].dropna()
             row = {"task": task, "setting": setting, "method": method,
                    "metric": runs.metric.iloc[0], "mean": values.mean(),
                    "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values),
                    "val_mean": runs.val_value.mean(),
                    "teacher": runs.teacher_value.iloc[0], "extra_params": runs.extra_params.iloc[0],
-                   "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean()}
+                   "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean(),
+                   "failed": len(failed)}
             if len(reference):
                 row["gain_pct"] = relative_gain(values.mean(), reference.mean(), higher)
                 paired = values.index.intersection(reference.index)
@@ -51,8 +53,9 @@ def markdown_table(summary: pd.DataFrame) -> str:
     for _, r in summary.iterrows():
         gain = f"{r['gain_pct']:+.2f}%" if "gain_pct" in r and pd.notna(r.get("gain_pct")) else "n/a"
         wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
+        n = f"{r['n']} ({r['failed']} failed)" if r["failed"] else f"{r['n']}"
         lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
-                     f"{r['n']} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | "
+                     f"{n} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | "
                      f"{int(r['extra_params'])} |")
     return "\n".join(lines)
 

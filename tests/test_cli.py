@@ -310,3 +310,43 @@ def test_shipped_configs_validate(path):
         pytest.skip("no configs/*.yaml in the repo")
     exp = experiments.load_config(path)
     assert exp.methods and exp.settings and exp.seeds
+
+
+@pytest.fixture
+def diverging_method():
+    """A registered method whose task term turns NaN from its second step on."""
+    from talkingmodels.methods import Distiller
+
+    class Diverging(Distiller):
+        """Test only."""
+
+        steps = 0
+
+        def forward_train(self, batch):
+            prediction, terms = super().forward_train(batch)
+            Diverging.steps += 1
+            if Diverging.steps > 1:
+                terms["task"] = terms["task"] * float("nan")
+            return prediction, terms
+
+    METHODS.register("test-diverging")(Diverging)
+    yield "test-diverging"
+    METHODS.pop("test-diverging")
+
+
+def test_a_diverging_run_is_recorded_as_failed(config, tmp_path, capsys, diverging_method):
+    config["methods"] = [{"name": "scratch"}, {"name": diverging_method}]
+    out = tmp_path / "out"
+    code, _, err = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", out)
+    assert code == 0, err  # the grid goes on; the failure is data, not a crash
+    assert "Traceback" not in err
+    assert "loss term 'task' became non-finite at step 2 of epoch 1" in err
+    rows = {row["method"]: row for row in read_rows(out / "results.csv")}
+    assert rows["scratch"]["status"] == "ok"
+    assert rows[diverging_method]["status"].startswith("failed: loss term 'task'")
+    assert rows[diverging_method]["value"] == "nan"
+    report = (out / "report.md").read_text()
+    assert f"| {diverging_method} | nan ± 0.0000 | n/a | 0/0 | 0 (1 failed) |" in report
+    # a rerun does not retry it silently (--force does)
+    code, _, _ = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", out)
+    assert code == 0 and len(read_rows(out / "results.csv")) == 2

@@ -75,3 +75,28 @@ def test_checkpoint_of_another_method_is_refused(dense, tmp_path):
         run(dense, "scratch", checkpoint=path, kill_after=1)
     with pytest.raises(UserError, match="another model or method"):
         run(dense, "td", checkpoint=path)
+
+
+def test_numerical_fault_names_the_term_and_keeps_the_last_good_checkpoint(dense, tmp_path):
+    from talkingmodels.engine import NumericalFault
+
+    cls = METHODS["td"]
+    method = experiments.build_method(dense, cls, cls.Config(), seed=7)
+    plain = method.forward_train
+    calls = []
+
+    def poisoned(batch):  # the 'interact' term turns NaN from the 3rd step of epoch 2 on
+        prediction, terms = plain(batch)
+        calls.append(1)
+        if len(calls) > steps_per_epoch + 2:
+            terms["interact"] = terms["interact"] * float("nan")
+        return prediction, terms
+
+    steps_per_epoch = -(-len(dense.splits.train) // TRAIN.batch_size)
+    method.forward_train = poisoned
+    path, saved = tmp_path / "run.pt", []
+    with pytest.raises(NumericalFault, match=r"loss term 'interact' became non-finite at "
+                                              r"step 3 of epoch 2 \(main stage\)"):
+        fit(method, dense.splits, MovieLens.metric, TRAIN, 7, checkpoint=path,
+            on_epoch=lambda row: saved.append(path.read_bytes()))
+    assert len(saved) == 1 and path.read_bytes() == saved[0]  # epoch 1's checkpoint is kept

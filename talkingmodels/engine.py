@@ -10,7 +10,6 @@ model selection on, the best epoch's student is kept and training stops after
 from __future__ import annotations
 
 import copy
-import os
 import random
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from torch import nn
 from talkingmodels import taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
+from talkingmodels.io import atomic_save
 
 
 class TrainConfig(BaseModel):
@@ -117,17 +117,6 @@ def _own_state(method: nn.Module) -> dict[str, torch.Tensor]:
             if not (frozen and k.startswith("teacher."))}
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, fsync, rename: a crash leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=False)
@@ -184,9 +173,9 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
                     run["stale"] += 1
                     run["done"] = run["stale"] >= cfg.patience
             if checkpoint is not None:
-                save_checkpoint(Path(checkpoint), {
+                atomic_save({
                     "method": _own_state(method), "optimizer": optimizer.state_dict(),
-                    "order": order.get_state(), "rng": _rng_state(), "run": run})
+                    "order": order.get_state(), "rng": _rng_state(), "run": run}, Path(checkpoint))
             if on_epoch:
                 on_epoch(row)
     if run["best_state"] is None:

@@ -1,14 +1,19 @@
 """Experiments: a validated config -> a grid of task settings x methods x seeds -> the
-runs store (``results.csv``, ``curves.csv``) -> the report.
+runs store -> the report.
 
-Every finished run is appended to the store at once, so a grid that stops midway keeps
-what it finished and a rerun only does the missing runs (``force`` redoes them all).
+The store, in the output folder: ``results.csv`` (one row per finished run),
+``curves/RUN.csv`` (per-epoch losses and validation metric), ``students/RUN.pt`` (the
+selected student's weights) and, while a run trains, ``checkpoints/RUN.pt``. A run's
+curves and weights are written atomically first and its results row last, so a grid that
+stops at any point keeps every finished run, resumes an interrupted one from its last
+epoch, and a rerun only does what is missing (``force`` redoes everything).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from talkingmodels.engine import (
     seed_everything,
 )
 from talkingmodels.errors import UserError
+from talkingmodels.io import atomic_save, atomic_write_text
 from talkingmodels.methods import METHODS, ModelPair, get_method
 from talkingmodels.tasks import Prepared, Task, get_task
 
@@ -148,22 +154,46 @@ def build_method(prepared: Prepared, cls: type, options, seed: int):
     return cls(pair, options, example)
 
 
+def _csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def _append(path: Path, columns: list[str], rows: list[dict]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
+    # One write of a few hundred bytes in append mode: the row lands whole or not at all.
+    text = _csv_text(columns, rows, header=not path.exists())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _done(path: Path) -> set[tuple[str, str, str, str]]:
     if not path.exists():
         return set()
     with open(path, newline="") as handle:
-        return {(r["task"], r["setting"], r["method"], r["seed"]) for r in csv.DictReader(handle)}
+        return {(r["task"], r["setting"], r["method"], r["seed"]) for r in csv.DictReader(handle)
+                if None not in r.values()}  # a row cut short by a crash does not count
+
+
+def _upgrade(path: Path) -> None:
+    """Rewrite a results.csv of an older layout (fewer columns) in the current one."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if columns != RESULT_COLUMNS:
+        rows = [{**{"status": "ok"}, **{k: v for k, v in r.items() if k in RESULT_COLUMNS}}
+                for r in rows if None not in r.values()]
+        atomic_write_text(path, _csv_text(RESULT_COLUMNS, rows))
 
 
 def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True) -> Path:
@@ -173,11 +203,12 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise UserError(f"output directory {out} is not writable")
-    results, curves = out / "results.csv", out / "curves.csv"
-    checkpoints = out / "checkpoints"
+    results = out / "results.csv"
     if force:
-        for path in (results, curves, *checkpoints.glob("*.pt")):
+        for path in (results, out / "curves.csv", *out.glob("curves/*.csv"),
+                     *out.glob("students/*.pt"), *out.glob("checkpoints/*.pt")):
             path.unlink(missing_ok=True)
+    _upgrade(results)
     done = _done(results)
     task = exp.task
     grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
@@ -211,7 +242,8 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
     # A run interrupted midway continues from its last epoch when the grid is run again.
-    checkpoint = out / "checkpoints" / f"{prep.setting}__{label}__{seed}.pt"
+    run_id = f"{prep.setting}__{label}__{seed}"
+    checkpoint = out / "checkpoints" / f"{run_id}.pt"
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
     try:
         result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint)
@@ -224,6 +256,11 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
             "extra_params": method.extra_parameter_count(), "status": f"failed: {fault}"}])
         bar.update()
         return
+    curve_rows = [{**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
+                  for row in result.history for name, value in row.items()
+                  if name not in ("epoch", "stage")]
+    atomic_write_text(out / "curves" / f"{run_id}.csv", _csv_text(CURVE_COLUMNS, curve_rows))
+    atomic_save(method.student.state_dict(), out / "students" / f"{run_id}.pt")
     _append(out / "results.csv", RESULT_COLUMNS, [{
         **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
@@ -231,10 +268,6 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
         "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
         "method_name": cls.name, "status": "ok",
     }])
-    _append(out / "curves.csv", CURVE_COLUMNS, [
-        {**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
-        for row in result.history for name, value in row.items() if name not in ("epoch", "stage")
-    ])
     checkpoint.unlink()  # the run is in the store now
     bar.update()
 

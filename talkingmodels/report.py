@@ -1,5 +1,5 @@
-"""Tables and plots from a runs store: ``results.csv`` (+ ``curves.csv``) -> ``report.md``
-and one PNG of validation curves per setting."""
+"""Tables and plots from a runs store: ``results.csv`` (+ ``curves/``) -> ``report.md``,
+``summary.csv`` and one PNG of validation curves per setting."""
 
 from __future__ import annotations
 
@@ -158,9 +158,11 @@ def write_report(out: Path) -> Path:
         if paired:
             lines += ["Paired by seed:", "", paired, ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
-    curves_path = Path(out) / "curves.csv"
-    if curves_path.is_file():
-        plot_curves(pd.read_csv(curves_path), Path(out))
+    curve_files = sorted(Path(out).glob("curves/*.csv"))
+    if (Path(out) / "curves.csv").is_file():  # the single-file layout of older stores
+        curve_files.append(Path(out) / "curves.csv")
+    if curve_files:
+        plot_curves(pd.concat([pd.read_csv(path) for path in curve_files]), Path(out))
     summary.to_csv(Path(out) / "summary.csv", index=False)
     report = Path(out) / "report.md"
     report.write_text("\n".join(lines))

@@ -85,14 +85,3 @@ def config_key(*parts) -> str:
     """A short stable hash of JSON-able parts: the cache key of a derived artefact."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

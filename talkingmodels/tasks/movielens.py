@@ -26,9 +26,10 @@ from talkingmodels import losses
 from talkingmodels.data import Split, Splits
 from talkingmodels.engine import Metric, TrainConfig, evaluate, fit, seed_everything
 from talkingmodels.errors import UserError
+from talkingmodels.io import atomic_save
 from talkingmodels.methods.base import ModelPair
 from talkingmodels.methods.scratch import Scratch
-from talkingmodels.tasks.base import Prepared, Task, TaskConfig, atomic_save, config_key
+from talkingmodels.tasks.base import Prepared, Task, TaskConfig, config_key
 from talkingmodels.tasks.registry import register
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"

@@ -1,0 +1,29 @@
+"""Atomic file writes: a reader (or a run resumed after a crash) sees the old file or the
+new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def _replace(tmp: Path, path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, rename."""
+    path = Path(path)
+    _replace(path.with_name(path.name + ".tmp"), path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    _replace(path.with_name(path.name + ".tmp"), path, lambda handle: handle.write(text.encode()))

@@ -15,6 +15,7 @@ import copy
 import csv
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,7 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
     # A run interrupted midway continues from its last epoch when the grid is run again.
-    run_id = f"{prep.setting}__{label}__{seed}"
+    run_id = re.sub(r"[^\w.=+-]", "_", f"{prep.setting}__{label}__{seed}")  # a safe file name
     checkpoint = out / "checkpoints" / f"{run_id}.pt"
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
     try:

@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished runs are kept in results.csv", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"{interrupt or 'interrupted'}; finished runs are kept in results.csv",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -9,8 +9,12 @@ model selection on, the best epoch's student is kept and training stops after
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,6 +129,32 @@ def load_checkpoint(path: Path) -> dict:
                         "start this run again") from None
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the run's state was saved at a step boundary."""
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool):
+    """While training with a checkpoint, SIGINT/SIGTERM only ask the loop to stop at the
+    next step boundary (so the state it saves is consistent)."""
+    flag = {"stop": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def ask(_signum, _frame):
+        flag["stop"] = True
+
+    for sig in previous:
+        signal.signal(sig, ask)
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, seed: int,
         on_epoch: Callable[[dict], None] | None = None,
         checkpoint: Path | None = None) -> FitResult:
@@ -132,14 +162,15 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
 
     ``method.student`` is left holding the selected weights. With ``checkpoint``, the full
     training state (method, optimiser, RNGs, data order, best-so-far) is written there after
-    every epoch, and a run whose checkpoint exists continues from it, ending exactly as the
-    uninterrupted run would (same seed, CPU).
+    every epoch and, mid-epoch, on SIGINT/SIGTERM (then :class:`Interrupted` is raised); a run
+    whose checkpoint exists continues from it, ending exactly as the uninterrupted run would
+    (same seed, CPU).
     """
     start = time.perf_counter()
     order = torch.Generator().manual_seed(seed)
     run = {"stage": 0, "stage_epoch": 0, "epoch": 0, "stale": 0, "done": False,
            "best_val": None, "best_epoch": 0, "best_state": None, "history": []}
-    saved = None
+    saved, partial = None, None
     if checkpoint is not None and Path(checkpoint).exists():
         saved = load_checkpoint(Path(checkpoint))
         keys = method.load_state_dict(saved["method"], strict=False)
@@ -147,37 +178,49 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
             raise UserError(f"checkpoint {checkpoint} belongs to another model or method")
         order.set_state(saved["order"])
         _set_rng_state(saved["rng"])
-        run = saved["run"]
+        run, partial = saved["run"], saved.get("partial")
     stages = method.stages()
-    for index in range(run["stage"], len(stages)):
-        stage = stages[index]
-        method.stage = stage.name
-        optimizer = make_optimizer(method.learnable_parameters(), cfg)
-        if saved is not None and index == saved["run"]["stage"]:
-            optimizer.load_state_dict(saved["optimizer"])
-        else:
-            run.update(stage=index, stage_epoch=0, stale=0, done=False)
-        budget = stage.epochs or cfg.epochs
-        while not run["done"] and run["stage_epoch"] < budget:
-            run["epoch"] += 1
-            run["stage_epoch"] += 1
-            row = _train_epoch(method, splits, cfg, optimizer, order, run["epoch"], stage.name)
-            val = evaluate(method.student, splits.val, metric, cfg.eval_batch_size)
-            row[f"val_{metric.name}"] = val
-            run["history"].append(row)
-            if stage.select:
-                if run["best_val"] is None or metric.better(val, run["best_val"]):
-                    run.update(best_val=val, best_epoch=run["epoch"], stale=0,
-                               best_state=copy.deepcopy(method.student.state_dict()))
-                else:
-                    run["stale"] += 1
-                    run["done"] = run["stale"] >= cfg.patience
-            if checkpoint is not None:
-                atomic_save({
-                    "method": _own_state(method), "optimizer": optimizer.state_dict(),
-                    "order": order.get_state(), "rng": _rng_state(), "run": run}, Path(checkpoint))
-            if on_epoch:
-                on_epoch(row)
+    with _stop_requests(checkpoint is not None) as stop:
+        for index in range(run["stage"], len(stages)):
+            stage = stages[index]
+            method.stage = stage.name
+            optimizer = make_optimizer(method.learnable_parameters(), cfg)
+            if saved is not None and index == saved["run"]["stage"]:
+                optimizer.load_state_dict(saved["optimizer"])
+            else:
+                run.update(stage=index, stage_epoch=0, stale=0, done=False)
+            budget = stage.epochs or cfg.epochs
+            while not run["done"] and run["stage_epoch"] < budget:
+                if partial is None:  # else: finish the epoch that was interrupted
+                    run["epoch"] += 1
+                    run["stage_epoch"] += 1
+                row = _train_epoch(method, splits, cfg, optimizer, order, run["epoch"],
+                                   stage.name, partial, stop)
+                partial = None
+                if "paused" in row:
+                    atomic_save({
+                        "method": _own_state(method), "optimizer": optimizer.state_dict(),
+                        "order": order.get_state(), "rng": _rng_state(), "run": run,
+                        "partial": row["paused"]}, Path(checkpoint))
+                    raise Interrupted(f"interrupted in epoch {run['epoch']}; the run's state is "
+                                      f"in {checkpoint}: run the same command again to resume")
+                val = evaluate(method.student, splits.val, metric, cfg.eval_batch_size)
+                row[f"val_{metric.name}"] = val
+                run["history"].append(row)
+                if stage.select:
+                    if run["best_val"] is None or metric.better(val, run["best_val"]):
+                        run.update(best_val=val, best_epoch=run["epoch"], stale=0,
+                                   best_state=copy.deepcopy(method.student.state_dict()))
+                    else:
+                        run["stale"] += 1
+                        run["done"] = run["stale"] >= cfg.patience
+                if checkpoint is not None:
+                    atomic_save({
+                        "method": _own_state(method), "optimizer": optimizer.state_dict(),
+                        "order": order.get_state(), "rng": _rng_state(), "run": run},
+                        Path(checkpoint))
+                if on_epoch:
+                    on_epoch(row)
     if run["best_state"] is None:
         raise UserError("the method has no stage with model selection; nothing to report")
     method.student.load_state_dict(run["best_state"])
@@ -191,17 +234,26 @@ class NumericalFault(Exception):
 
 
 def _train_epoch(method, splits: Splits, cfg: TrainConfig, optimizer, order: torch.Generator,
-                 epoch: int, stage: str) -> dict:
+                 epoch: int, stage: str, partial: dict | None = None,
+                 stop: dict | None = None) -> dict:
     """One pass over the shuffled training split; the mean of each loss term.
 
     Non-finite terms are tracked with tensor ops (the first bad step per term) and checked
-    once at the end of the epoch, so the loop never waits on a per-step host sync.
+    once at the end of the epoch, so the loop never waits on a per-step host sync. When
+    ``stop["stop"]`` turns true the pass pauses at the next step boundary and returns
+    ``{"paused": ...}``, what ``partial`` needs to finish this same epoch later.
     """
     method.train()
-    sums: dict[str, torch.Tensor] = {}
-    first_bad: dict[str, torch.Tensor] = {}
-    steps = 0
-    for batch in splits.train.batches(cfg.batch_size, order):
+    if partial is not None:  # replay the epoch's data order, skip the steps already done
+        order.set_state(partial["order_start"])
+    order_start = order.get_state()
+    sums: dict[str, torch.Tensor] = dict(partial["sums"]) if partial else {}
+    first_bad: dict[str, torch.Tensor] = dict(partial["first_bad"]) if partial else {}
+    steps = partial["steps"] if partial else 0
+    for batch in itertools.islice(splits.train.batches(cfg.batch_size, order), steps, None):
+        if stop is not None and stop["stop"]:
+            return {"paused": {"order_start": order_start, "steps": steps, "sums": sums,
+                               "first_bad": first_bad}}
         _, terms = method.forward_train(batch)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,9 @@ uninterrupted run (same seed, CPU); a corrupt checkpoint is reported, never used
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -100,3 +103,28 @@ def test_numerical_fault_names_the_term_and_keeps_the_last_good_checkpoint(dense
         fit(method, dense.splits, MovieLens.metric, TRAIN, 7, checkpoint=path,
             on_epoch=lambda row: saved.append(path.read_bytes()))
     assert len(saved) == 1 and path.read_bytes() == saved[0]  # epoch 1's checkpoint is kept
+
+
+@pytest.mark.parametrize("signum,at_step", [(signal.SIGINT, 3), (signal.SIGTERM, 11)])
+def test_signal_mid_epoch_saves_and_resumes_exactly(dense, tmp_path, signum, at_step):
+    from talkingmodels.engine import Interrupted
+
+    whole = run(dense, "td")
+    cls = METHODS["td"]
+    method = experiments.build_method(dense, cls, cls.Config(), seed=7)
+    plain, calls = method.forward_train, []
+
+    def signalled(batch):
+        calls.append(1)
+        if len(calls) == at_step:  # the signal arrives in the middle of a step
+            os.kill(os.getpid(), signum)
+        return plain(batch)
+
+    method.forward_train = signalled
+    path = tmp_path / "run.pt"
+    with pytest.raises(Interrupted, match="run the same command again to resume"):
+        fit(method, dense.splits, MovieLens.metric, TRAIN, 7, checkpoint=path)
+    paused = torch.load(path, weights_only=False)["partial"]
+    assert paused["steps"] == at_step % -(-len(dense.splits.train) // TRAIN.batch_size)
+    assert signal.getsignal(signum) is not None  # the previous handler is back
+    assert_same(whole, run(dense, "td", checkpoint=path))

@@ -33,7 +33,7 @@ from talkingmodels.engine import (
 )
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save, atomic_write_text
-from talkingmodels.methods import METHODS, ModelPair, get_method
+from talkingmodels.methods import ModelPair, get_method
 from talkingmodels.tasks import Prepared, Task, get_task
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
@@ -271,7 +271,3 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
     }])
     checkpoint.unlink()  # the run is in the store now
     bar.update()
-
-
-def registered_methods() -> list[str]:
-    return sorted(METHODS)

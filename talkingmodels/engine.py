@@ -114,11 +114,13 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _own_state(method: nn.Module) -> dict[str, torch.Tensor]:
-    """The method's state without the frozen teacher (it never changes, and can be large)."""
+def _state(method: nn.Module, optimizer, order: torch.Generator, run: dict) -> dict:
+    """Everything a checkpoint holds. The frozen teacher is left out: it never changes, and
+    it can be large."""
     frozen = not method.config.unfreeze_teacher
-    return {k: v for k, v in method.state_dict().items()
-            if not (frozen and k.startswith("teacher."))}
+    own = {k: v for k, v in method.state_dict().items() if not (frozen and k.startswith("teacher."))}
+    return {"method": own, "optimizer": optimizer.state_dict(), "order": order.get_state(),
+            "rng": _rng_state(), "run": run}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -198,10 +200,8 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
                                    stage.name, partial, stop)
                 partial = None
                 if "paused" in row:
-                    atomic_save({
-                        "method": _own_state(method), "optimizer": optimizer.state_dict(),
-                        "order": order.get_state(), "rng": _rng_state(), "run": run,
-                        "partial": row["paused"]}, Path(checkpoint))
+                    atomic_save({**_state(method, optimizer, order, run), "partial": row["paused"]},
+                                Path(checkpoint))
                     raise Interrupted(f"interrupted in epoch {run['epoch']}; the run's state is "
                                       f"in {checkpoint}: run the same command again to resume")
                 val = evaluate(method.student, splits.val, metric, cfg.eval_batch_size)
@@ -215,10 +215,7 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
                         run["stale"] += 1
                         run["done"] = run["stale"] >= cfg.patience
                 if checkpoint is not None:
-                    atomic_save({
-                        "method": _own_state(method), "optimizer": optimizer.state_dict(),
-                        "order": order.get_state(), "rng": _rng_state(), "run": run},
-                        Path(checkpoint))
+                    atomic_save(_state(method, optimizer, order, run), Path(checkpoint))
                 if on_epoch:
                     on_epoch(row)
     if run["best_state"] is None:

@@ -32,13 +32,14 @@ class FeatureMatching:
         index = 0 if self.config.layer == "l" else 1
         return self.pair.student_layers[index], self.pair.teacher_layers[index]
 
-    def feature_forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student's prediction and the weighted feature-matching term."""
+    def feature_forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The student's prediction, the weighted feature-matching term and the teacher's
+        outputs (so a caller needing the teacher's prediction does not run it again)."""
         s_name, t_name = self.layer_names()
         prediction, states = self.student_states(batch, (s_name,))
         teacher = self.teacher_states(batch, (t_name,))
         mapped = self.regressor(states[s_name], self.config.layer)
-        return prediction, self.config.feature_weight * losses.mse(mapped, teacher[t_name])
+        return prediction, self.config.feature_weight * losses.mse(mapped, teacher[t_name]), teacher
 
 
 @register("feature-kd")
@@ -52,5 +53,5 @@ class FeatureKD(FeatureMatching, Distiller):
         self.build_regressor(example)
 
     def forward_train(self, batch: Batch):
-        prediction, feature = self.feature_forward(batch)
+        prediction, feature, _ = self.feature_forward(batch)
         return prediction, {"task": self.pair.task_loss(prediction, batch.target), "feature": feature}

@@ -37,7 +37,7 @@ class FitNet(FeatureMatching, LogitKD):
     def forward_train(self, batch: Batch):
         if self.stage == "main":
             return LogitKD.forward_train(self, batch)
-        prediction, hint = self.feature_forward(batch)
+        prediction, hint, _ = self.feature_forward(batch)
         return prediction, {"hint": hint}
 
     def learnable_parameters(self):

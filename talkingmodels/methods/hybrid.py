@@ -23,9 +23,9 @@ class Hybrid(FeatureMatching, LogitKD):
         self.build_regressor(example)
 
     def forward_train(self, batch: Batch):
-        prediction, feature = self.feature_forward(batch)
+        prediction, feature, teacher = self.feature_forward(batch)
         return prediction, {
             "task": self.pair.task_loss(prediction, batch.target),
-            "kd": self.logit_term(prediction, batch),
+            "kd": self.logit_term(prediction, teacher["output"]),
             "feature": feature,
         }

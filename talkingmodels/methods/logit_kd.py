@@ -32,12 +32,12 @@ class LogitKD(Distiller):
 
     Config = LogitKDConfig
 
-    def logit_term(self, prediction: torch.Tensor, batch: Batch) -> torch.Tensor:
-        teacher = self.teacher_states(batch)["output"]
-        return self.config.weight * output_kd(prediction, teacher, self.pair.output,
+    def logit_term(self, prediction: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
+        """w0 * KD of the student's prediction towards the teacher's output."""
+        return self.config.weight * output_kd(prediction, teacher_output, self.pair.output,
                                               self.config.temperature)
 
     def forward_train(self, batch: Batch):
         prediction, terms = super().forward_train(batch)
-        terms["kd"] = self.logit_term(prediction, batch)
+        terms["kd"] = self.logit_term(prediction, self.teacher_states(batch)["output"])
         return prediction, terms

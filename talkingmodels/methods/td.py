@@ -97,7 +97,7 @@ class TalkingDistillation(LogitKD):
 
         terms = {"task": self.pair.task_loss(prediction, batch.target)}
         if cfg.weight > 0:
-            terms["kd"] = self.logit_term(prediction, batch)
+            terms["kd"] = self.logit_term(prediction, teacher["output"])
 
         if cfg.rounds > 0:
             asked = s_l.detach() if "question" in cfg.stop_gradient else s_l

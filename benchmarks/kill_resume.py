@@ -5,7 +5,7 @@ ends exactly like the uninterrupted one (test metric, selected weights, per-epoc
 
 Each trial starts ``talkingmodels run`` on a one-run config (TD, dense setting, seed 0, a
 short epoch budget), kills it with SIGKILL after a random delay, then runs the same command
-again, which resumes from the run's last checkpoint.
+with ``--resume``, which continues from the run's last checkpoint.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
         process.send_signal(signal.SIGKILL)
         process.wait()
         state = where_killed(out)
-        subprocess.run(command(config, out), check=True, capture_output=True)
+        subprocess.run([*command(config, out), "--resume"], check=True, capture_output=True)
         ok = same(outcome(out), reference)
         equal += ok
         print(f"| {trial} | {delay:.2f} | {state} | {'yes' if ok else 'NO'} |")

@@ -29,7 +29,7 @@ def cmd_run(args) -> None:
     start = time.perf_counter()
     exp = load_config(args.config)
     out = args.out or exp.config.out or Path("runs") / Path(args.config).stem
-    _finish(run_experiment(exp, Path(out), force=args.force), start)
+    _finish(run_experiment(exp, Path(out), **_store_options(args)), start)
 
 
 def cmd_bench(args) -> None:
@@ -53,11 +53,18 @@ def cmd_bench(args) -> None:
     }, "bench")
     start = time.perf_counter()
     exp = resolve(config)
-    _finish(run_experiment(exp, Path(args.out or f"runs/{args.task}"), force=args.force), start)
+    _finish(run_experiment(exp, Path(args.out or f"runs/{args.task}"), **_store_options(args)), start)
+
+
+def _store_options(args) -> dict:
+    return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard}
 
 
 def _finish(report: Path, start: float) -> None:
-    print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s")
+    from talkingmodels import distributed
+
+    if distributed.is_main():
+        print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s")
 
 
 def cmd_report(args) -> None:
@@ -81,6 +88,15 @@ def cmd_tasks(_args) -> None:
               f"{', '.join(cls.default_settings)}")
 
 
+def _add_store_arguments(parser: Parser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue runs that were interrupted (from their checkpoints)")
+    parser.add_argument("--force", action="store_true",
+                        help="start over: delete the results, students and checkpoints first")
+    parser.add_argument("--tensorboard", type=Path, metavar="DIR",
+                        help="write TensorBoard logs of every loss term and metric to DIR")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="talkingmodels", description="Talking-model Distillation and KD baselines")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -88,7 +104,7 @@ def build_parser() -> Parser:
     run = sub.add_parser("run", help="run one YAML experiment")
     run.add_argument("config", type=Path)
     run.add_argument("--out", type=Path, help="output directory (default: the config's out)")
-    run.add_argument("--force", action="store_true", help="redo runs already in results.csv")
+    _add_store_arguments(run)
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="run a task's benchmark grid")
@@ -100,7 +116,7 @@ def build_parser() -> Parser:
     bench.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
     bench.add_argument("--data-dir", type=Path, help="where the task's data lies")
     bench.add_argument("--cache-dir", type=Path, help="cache for teachers and data")
-    bench.add_argument("--force", action="store_true", help="redo runs already in results.csv")
+    _add_store_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="rewrite report.md and plots of an output directory")

@@ -37,16 +37,23 @@ class Split:
         cache = {key: value[index] for key, value in self.teacher_cache.items()}
         return Batch(student, teacher, self.target[index], cache)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
-        """Mini-batches in a random order drawn from ``generator`` (in order if None)."""
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1)):
+        """Mini-batches in a random order drawn from ``generator`` (in order if None).
+
+        With ``shard=(k, n)`` only every n-th example of each batch from the k-th on: the
+        part of the global batch that process k of n trains on (the order is the same in
+        every process, since every process seeds ``generator`` alike).
+        """
         n = len(self)
         if generator is None:
             for start in range(0, n, batch_size):
                 yield self.batch(slice(start, start + batch_size))
             return
         order = torch.randperm(n, generator=generator)
+        index, count = shard
         for start in range(0, n, batch_size):
-            yield self.batch(order[start : start + batch_size])
+            yield self.batch(order[start : start + batch_size][index::count])
 
 
 @dataclass

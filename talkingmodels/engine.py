@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from talkingmodels import taps
+from talkingmodels import distributed, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save
@@ -114,21 +114,53 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _state(method: nn.Module, optimizer, order: torch.Generator, run: dict) -> dict:
+def _state(method: nn.Module, optimizer, order: torch.Generator, run: dict,
+           fingerprint: dict | None) -> dict:
     """Everything a checkpoint holds. The frozen teacher is left out: it never changes, and
     it can be large."""
     frozen = not method.config.unfreeze_teacher
     own = {k: v for k, v in method.state_dict().items() if not (frozen and k.startswith("teacher."))}
     return {"method": own, "optimizer": optimizer.state_dict(), "order": order.get_state(),
-            "rng": _rng_state(), "run": run}
+            "rng": _rng_state(), "run": run, "fingerprint": fingerprint}
 
 
-def load_checkpoint(path: Path) -> dict:
+def _changes(old, new, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(value)"]
+    return [change for key in sorted(set(old) | set(new), key=str)
+            for change in _changes(old.get(key), new.get(key), f"{prefix}.{key}".lstrip("."))]
+
+
+def load_checkpoint(path: Path, fingerprint: dict | None = None) -> dict:
+    """A checkpoint's state, verified: readable, and written by a run with the same
+    ``fingerprint`` (the settings that shape the run) when both have one."""
     try:
-        return torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=False)
     except Exception as exc:  # truncated or corrupted: never resume from it silently
         raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to "
                         "start this run again") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {path} is not a talkingmodels checkpoint; delete it to start "
+                        "this run again")
+    if saved.get("fingerprint") is not None and fingerprint is not None:
+        changed = _changes(saved["fingerprint"], fingerprint)
+        if changed:
+            raise UserError(f"checkpoint {path} was written by a run with other settings "
+                            f"(changed: {', '.join(changed)}); use --force to start over")
+    return saved
+
+
+class _TrainStep(nn.Module):
+    """``forward_train`` as a module's forward, so DDP can wrap it (DDP synchronises the
+    gradients of what runs inside its own forward call)."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch):
+        return self.method.forward_train(batch)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -159,14 +191,20 @@ def _stop_requests(enabled: bool):
 
 def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, seed: int,
         on_epoch: Callable[[dict], None] | None = None,
-        checkpoint: Path | None = None) -> FitResult:
+        checkpoint: Path | None = None,
+        on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+        fingerprint: dict | None = None,
+        distribute: bool = False) -> FitResult:
     """Train ``method`` (a Distiller) and return the selected student's metrics.
 
     ``method.student`` is left holding the selected weights. With ``checkpoint``, the full
     training state (method, optimiser, RNGs, data order, best-so-far) is written there after
     every epoch and, mid-epoch, on SIGINT/SIGTERM (then :class:`Interrupted` is raised); a run
     whose checkpoint exists continues from it, ending exactly as the uninterrupted run would
-    (same seed, CPU).
+    (same seed, CPU), unless its ``fingerprint`` (the run's config) differs: that is an error.
+    ``on_step(step, terms)`` sees every step's loss terms. With ``distribute`` and a process
+    group (see :mod:`talkingmodels.distributed`), training runs on DDP and only the main
+    process writes the checkpoint.
     """
     start = time.perf_counter()
     order = torch.Generator().manual_seed(seed)
@@ -174,7 +212,7 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
            "best_val": None, "best_epoch": 0, "best_state": None, "history": []}
     saved, partial = None, None
     if checkpoint is not None and Path(checkpoint).exists():
-        saved = load_checkpoint(Path(checkpoint))
+        saved = load_checkpoint(Path(checkpoint), fingerprint)
         keys = method.load_state_dict(saved["method"], strict=False)
         if keys.unexpected_keys or any(not k.startswith("teacher.") for k in keys.missing_keys):
             raise UserError(f"checkpoint {checkpoint} belongs to another model or method")
@@ -182,10 +220,14 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
         _set_rng_state(saved["rng"])
         run, partial = saved["run"], saved.get("partial")
     stages = method.stages()
-    with _stop_requests(checkpoint is not None) as stop:
+    acc = distributed.accelerator() if distribute else None
+    writes = checkpoint is not None and (acc is None or acc.is_main_process)
+    # A mid-epoch pause needs every process to stop at the same step: single process only.
+    with _stop_requests(checkpoint is not None and acc is None) as stop:
         for index in range(run["stage"], len(stages)):
             stage = stages[index]
             method.stage = stage.name
+            step = _TrainStep(method) if acc is None else acc.prepare_model(_TrainStep(method))
             optimizer = make_optimizer(method.learnable_parameters(), cfg)
             if saved is not None and index == saved["run"]["stage"]:
                 optimizer.load_state_dict(saved["optimizer"])
@@ -196,14 +238,15 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
                 if partial is None:  # else: finish the epoch that was interrupted
                     run["epoch"] += 1
                     run["stage_epoch"] += 1
-                row = _train_epoch(method, splits, cfg, optimizer, order, run["epoch"],
-                                   stage.name, partial, stop)
+                row = _train_epoch(method, step, splits, cfg, optimizer, order, run, stage.name,
+                                   partial, stop, on_step, acc)
                 partial = None
                 if "paused" in row:
-                    atomic_save({**_state(method, optimizer, order, run), "partial": row["paused"]},
-                                Path(checkpoint))
+                    atomic_save({**_state(method, optimizer, order, run, fingerprint),
+                                 "partial": row["paused"]}, Path(checkpoint))
                     raise Interrupted(f"interrupted in epoch {run['epoch']}; the run's state is "
-                                      f"in {checkpoint}: run the same command again to resume")
+                                      f"in {checkpoint}: run the same command with --resume to "
+                                      "continue it")
                 val = evaluate(method.student, splits.val, metric, cfg.eval_batch_size)
                 row[f"val_{metric.name}"] = val
                 run["history"].append(row)
@@ -214,8 +257,8 @@ def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, see
                     else:
                         run["stale"] += 1
                         run["done"] = run["stale"] >= cfg.patience
-                if checkpoint is not None:
-                    atomic_save(_state(method, optimizer, order, run), Path(checkpoint))
+                if writes:
+                    atomic_save(_state(method, optimizer, order, run, fingerprint), Path(checkpoint))
                 if on_epoch:
                     on_epoch(row)
     if run["best_state"] is None:
@@ -230,15 +273,17 @@ class NumericalFault(Exception):
     """A loss term became NaN or infinite; the message names the term, epoch and step."""
 
 
-def _train_epoch(method, splits: Splits, cfg: TrainConfig, optimizer, order: torch.Generator,
-                 epoch: int, stage: str, partial: dict | None = None,
-                 stop: dict | None = None) -> dict:
+def _train_epoch(method, step, splits: Splits, cfg: TrainConfig, optimizer, order: torch.Generator,
+                 run: dict, stage: str, partial: dict | None = None, stop: dict | None = None,
+                 on_step=None, acc=None) -> dict:
     """One pass over the shuffled training split; the mean of each loss term.
 
-    Non-finite terms are tracked with tensor ops (the first bad step per term) and checked
-    once at the end of the epoch, so the loop never waits on a per-step host sync. When
-    ``stop["stop"]`` turns true the pass pauses at the next step boundary and returns
-    ``{"paused": ...}``, what ``partial`` needs to finish this same epoch later.
+    ``step`` is the method's training forward (DDP-wrapped when ``acc`` is set: then this
+    process trains on its shard of every global batch). Non-finite terms are tracked with
+    tensor ops (the first bad step per term) and checked once at the end of the epoch, so
+    the loop never waits on a per-step host sync. When ``stop["stop"]`` turns true the pass
+    pauses at the next step boundary and returns ``{"paused": ...}``, what ``partial``
+    needs to finish this same epoch later.
     """
     method.train()
     if partial is not None:  # replay the epoch's data order, skip the steps already done
@@ -247,27 +292,37 @@ def _train_epoch(method, splits: Splits, cfg: TrainConfig, optimizer, order: tor
     sums: dict[str, torch.Tensor] = dict(partial["sums"]) if partial else {}
     first_bad: dict[str, torch.Tensor] = dict(partial["first_bad"]) if partial else {}
     steps = partial["steps"] if partial else 0
-    for batch in itertools.islice(splits.train.batches(cfg.batch_size, order), steps, None):
+    shard = distributed.shard() if acc is not None else (0, 1)
+    for batch in itertools.islice(splits.train.batches(cfg.batch_size, order, shard), steps, None):
         if stop is not None and stop["stop"]:
             return {"paused": {"order_start": order_start, "steps": steps, "sums": sums,
                                "first_bad": first_bad}}
-        _, terms = method.forward_train(batch)
+        _, terms = step(batch)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        terms = {name: value.detach() for name, value in terms.items()}
         for name, value in terms.items():
-            value = value.detach()
             sums[name] = sums.get(name, 0.0) + value
             seen = first_bad.get(name, torch.tensor(-1))
             first_bad[name] = torch.where((seen < 0) & ~torch.isfinite(value),
                                           torch.tensor(steps), seen)
         steps += 1
+        if on_step is not None:
+            on_step(run.get("step", 0) + steps, terms)
+    run["step"] = run.get("step", 0) + steps
+    if acc is not None:  # every process must see the same faults and mean losses
+        sums = {k: distributed.all_reduce(torch.as_tensor(v)) / shard[1] for k, v in sums.items()}
+        never = torch.tensor(2**62)
+        first_bad = {k: distributed.all_reduce(torch.where(v < 0, never, v), "min")
+                     for k, v in first_bad.items()}
+        first_bad = {k: torch.where(v == never, torch.tensor(-1), v) for k, v in first_bad.items()}
     faults = {name: int(step) for name, step in first_bad.items() if int(step) >= 0}
     if faults:
         name = min(faults, key=faults.get)
         raise NumericalFault(f"loss term {name!r} became non-finite at step {faults[name] + 1} "
-                             f"of epoch {epoch} ({stage} stage)")
-    row = {"epoch": epoch, "stage": stage}
+                             f"of epoch {run['epoch']} ({stage} stage)")
+    row = {"epoch": run["epoch"], "stage": stage}
     row.update({f"loss_{k}": float(v) / steps for k, v in sums.items()})
     return row

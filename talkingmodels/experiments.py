@@ -4,9 +4,15 @@ runs store -> the report.
 The store, in the output folder: ``results.csv`` (one row per finished run),
 ``curves/RUN.csv`` (per-epoch losses and validation metric), ``students/RUN.pt`` (the
 selected student's weights) and, while a run trains, ``checkpoints/RUN.pt``. A run's
-curves and weights are written atomically first and its results row last, so a grid that
-stops at any point keeps every finished run, resumes an interrupted one from its last
-epoch, and a rerun only does what is missing (``force`` redoes everything).
+curves and weights are written atomically first and its results row last (one appended
+``write``), so a grid that stops at any point keeps every finished run, and a rerun only
+does what is missing (``force`` redoes everything). A run interrupted midway continues
+from its checkpoint with ``resume``; without it, such a checkpoint is an error rather than
+being silently reused or overwritten. A checkpoint also holds its run's settings: resuming
+it under changed settings is an error.
+
+Under a multi-process launcher (see :mod:`talkingmodels.distributed`) every process runs
+the grid and only the main one writes.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
+from talkingmodels import distributed
 from talkingmodels.engine import (
     NumericalFault,
     TrainConfig,
     fit,
+    load_checkpoint,
     precompute_teacher,
     seed_everything,
 )
@@ -197,65 +205,150 @@ def _upgrade(path: Path) -> None:
         atomic_write_text(path, _csv_text(RESULT_COLUMNS, rows))
 
 
-def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True) -> Path:
-    """Run every (setting, method, seed) not yet in ``out/results.csv``; then the report."""
+def _run_id(setting: str, label: str, seed: int) -> str:
+    return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")  # a safe file name
+
+
+def _check_output(out: Path) -> None:
+    """The output folder exists (or can be made) and is a writable directory."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {out} is a file, not a directory")
+    try:
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out}: {exc.strerror}") from None
+    distributed.barrier()
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {out} is not writable")
+
+
+def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True,
+                   resume: bool = False, tensorboard: Path | None = None) -> Path:
+    """Run every (setting, method, seed) not yet in ``out/results.csv``; then the report.
+
+    ``resume`` continues runs interrupted midway (their checkpoints); ``tensorboard`` is a
+    folder for TensorBoard logs of every loss term per step and per epoch.
+    """
     from talkingmodels.report import write_report
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output directory {out} is not writable")
+    _check_output(out)
+    if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():
+        raise UserError(f"TensorBoard folder {tensorboard} is a file, not a directory")
     results = out / "results.csv"
-    if force:
+    task = exp.task
+    done = set() if force else _done(results)
+    grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
+            for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
+    interrupted = {path: (cls, options) for s, label, cls, options, seed in grid
+                   if (path := out / "checkpoints" / f"{_run_id(s, label, seed)}.pt").exists()}
+    if interrupted and not (resume or force):
+        raise UserError(f"{out} holds {len(interrupted)} interrupted run(s) ({next(iter(interrupted)).name}"
+                        ", ...): add --resume to continue them, or --force to start over")
+    if not force:  # verify them now, not after hours of other runs
+        for path, (cls, options) in interrupted.items():
+            load_checkpoint(path, _fingerprint(exp, cls, options))
+    # Prepare every setting and build every method once before the first run, so a bad
+    # layer name or missing data is reported before any work (and before the progress bar).
+    # The main process goes first: it builds the caches the others then read.
+    prepared: dict[str, Prepared] = {}
+    with distributed.main_first():
+        for setting in dict.fromkeys(s for s, *_ in grid):
+            prepared[setting] = prep = task.prepare(setting)
+            precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers)
+            for _, cls, options in exp.methods:
+                build_method(prep, cls, options, seed=0)
+    if force and distributed.is_main():  # only now: a config mistake must not cost old results
         for path in (results, out / "curves.csv", *out.glob("curves/*.csv"),
                      *out.glob("students/*.pt"), *out.glob("checkpoints/*.pt")):
             path.unlink(missing_ok=True)
-    _upgrade(results)
-    done = _done(results)
-    task = exp.task
-    grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
-            for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
-    # Prepare every setting and build every method once before the first run, so a bad
-    # layer name or missing data is reported before any work (and before the progress bar).
-    prepared: dict[str, Prepared] = {}
-    for setting in dict.fromkeys(s for s, *_ in grid):
-        prepared[setting] = prep = task.prepare(setting)
-        precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers)
-        for _, cls, options in exp.methods:
-            build_method(prep, cls, options, seed=0)
-    bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run", disable=not progress)
+    distributed.barrier()
+    if distributed.is_main():
+        _upgrade(results)
+    bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
+               disable=not (progress and distributed.is_main()))
     try:
         for setting, label, cls, options, seed in grid:
-            _run_one(task, prepared[setting], label, cls, options, seed, exp.train, out, bar)
+            _run_one(exp, prepared[setting], label, cls, options, seed, out, bar, tensorboard)
     finally:
         bar.close()
-    return write_report(out)
+    distributed.barrier()
+    return write_report(out) if distributed.is_main() else out / "report.md"
 
 
-def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: int,
-             train: TrainConfig, out: Path, bar) -> None:
+def _fingerprint(exp: Experiment, cls: type, options) -> dict:
+    """What a checkpoint must agree with to be resumed: everything that shapes its run."""
+    return {"task": exp.config.task_options, "train": exp.train.model_dump(),
+            "method": {"name": cls.name, **options.model_dump(mode="json")}}
+
+
+class _TensorBoard:
+    """Per-step loss terms and per-epoch losses and metrics of one run, as TensorBoard
+    scalars. The writer opens at the first step, dropping any events a killed earlier
+    attempt logged from that step on (so a resumed run's curves have no duplicates)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.writer = folder, None
+
+    def _open(self, step: int):
+        if self.writer is None and self.folder is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.folder), purge_step=step)
+        return self.writer
+
+    def step(self, step: int, terms: dict) -> None:
+        if (writer := self._open(step)) is not None:
+            for name, value in terms.items():
+                writer.add_scalar(f"step/loss_{name}", value, step)
+
+    def epoch(self, row: dict) -> None:
+        if (writer := self._open(row["epoch"])) is not None:
+            for name, value in row.items():
+                if name not in ("epoch", "stage"):
+                    writer.add_scalar(f"epoch/{name}", value, row["epoch"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, seed: int,
+             out: Path, bar, tensorboard: Path | None) -> None:
     """Train one (setting, method, seed) and append its rows to the runs store."""
+    task, train = exp.task, exp.train
     where = f"{prep.setting} {label} seed {seed}"
     bar.set_postfix_str(where, refresh=False)
     method = build_method(prep, cls, options, seed)
+    run_id = _run_id(prep.setting, label, seed)
+    board = _TensorBoard(tensorboard / run_id if tensorboard and distributed.is_main() else None)
 
     def on_epoch(row):
+        board.epoch(row)
         bar.set_postfix_str(f"{where} epoch {row['epoch']} "
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
-    # A run interrupted midway continues from its last epoch when the grid is run again.
-    run_id = re.sub(r"[^\w.=+-]", "_", f"{prep.setting}__{label}__{seed}")  # a safe file name
     checkpoint = out / "checkpoints" / f"{run_id}.pt"
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
     try:
-        result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint)
+        result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
+                     on_step=board.step if board.folder else None,
+                     fingerprint=_fingerprint(exp, cls, options), distribute=True)
     except NumericalFault as fault:
         # Recorded as failed (the report shows it); the last good checkpoint stays on disk.
+        board.close()
+        bar.update()
+        if not distributed.is_main():
+            return
         tqdm.write(f"run {prep.setting} {label} seed {seed} failed: {fault}", file=sys.stderr)
         _append(out / "results.csv", RESULT_COLUMNS, [{
             **key, "metric": task.metric.name, "value": "nan", "val_value": "nan",
             "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
             "extra_params": method.extra_parameter_count(), "status": f"failed: {fault}"}])
-        bar.update()
+        return
+    board.close()
+    bar.update()
+    if not distributed.is_main():
         return
     curve_rows = [{**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
                   for row in result.history for name, value in row.items()
@@ -269,5 +362,4 @@ def _run_one(task: Task, prep: Prepared, label: str, cls: type, options, seed: i
         "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
         "method_name": cls.name, "status": "ok",
     }])
-    checkpoint.unlink()  # the run is in the store now
-    bar.update()
+    checkpoint.unlink(missing_ok=True)  # the run is in the store now

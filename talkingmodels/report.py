@@ -121,7 +121,8 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
         # Zoom on where methods differ; a diverging run must not flatten every other curve.
         means = group.groupby(["method", "epoch"])["value"].mean()
         low, high = means.min(), means.quantile(0.9)
-        ax.set_ylim(low - 0.05 * (high - low), high)
+        if high > low:  # (a single point has no range to zoom on)
+            ax.set_ylim(low - 0.05 * (high - low), high)
         metric = group.name.iloc[0][len("val_"):]
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation {metric} (mean over seeds)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import re
 import subprocess
 import sys
 import types
@@ -58,127 +57,8 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-# ------------------------------------------------------------------------------ config errors
-def _set(path: str, value):
-    """A change to the config: set the value at a dotted path (list indices as numbers)."""
-    def apply(config):
-        *parents, last = path.split(".")
-        node = config
-        for key in parents:
-            node = node[int(key)] if key.isdigit() else node[key]
-        node[int(last) if last.isdigit() else last] = value
-    return apply
-
-
-CONFIG_ERRORS = {
-    "unknown top-level key": (_set("epochs", 3), ["'epochs'", "valid keys", "train"]),
-    "unknown train key": (_set("train.epoch", 3), ["'epoch'", "epochs"]),
-    "unknown task option": (_set("task_options.data_dri", "x"), ["'data_dri'", "data_dir"]),
-    "unknown method option": (_set("methods.1.roundz", 2), ["'roundz'", "rounds"]),
-    "negative seeds": (_set("seeds", -1), ["seeds", "-1"]),
-    "no seeds": (_set("seeds", []), ["seeds", "[]"]),
-    "negative rounds": (_set("methods.1.rounds", -1), ["rounds", "-1"]),
-    "zero message_dim": (_set("methods.1.message_dim", 0), ["message_dim", "0"]),
-    "bad stop_gradient": (_set("methods.1.stop_gradient", ["questions"]), ["stop_gradient", "questions"]),
-    "bad distance": (_set("methods.1.distance", "l1"), ["distance", "'l1'"]),
-    "zero learning rate": (_set("train.lr", 0), ["lr", "0"]),
-    "bad teacher dropout": (_set("task_options.teacher.dropout", 1.5), ["dropout", "1.5"]),
-    "unknown method": (_set("methods.1.name", "tdd"), ["'tdd'", "td", "scratch"]),
-    "unknown task": (_set("task", "movielenz"), ["'movielenz'", "movielens"]),
-    "unknown setting": (_set("settings", ["Drma"]), ["'Drma'", "dense", "Drama"]),
-    "unknown genre": (_set("settings", ["dense", "Sci-fy"]), ["'Sci-fy'", "Sci-Fi"]),
-    "duplicate label": (_set("methods.0.name", "td"), ["'td'", "label"]),
-}
-
-
-@pytest.mark.parametrize("case", CONFIG_ERRORS)
-def test_config_errors(case, config, tmp_path, capsys):
-    change, names = CONFIG_ERRORS[case]
-    change(config)
-    path = write(tmp_path / "bad.yaml", config)
-    code, out, err = call(capsys, "run", path, "--out", tmp_path / "out")
-    assert code == 2
-    assert_one_error_line(err, *names)
-    assert not (tmp_path / "out").exists()  # nothing ran
-
-
-@pytest.mark.parametrize("text, names", [
-    ("task: [movielens\nseeds: 1\n", ["not valid YAML"]),
-    ("- task\n- movielens\n", ["must be a YAML mapping", "'task'"]),
-    ("", ["must be a YAML mapping"]),
-])
-def test_config_that_is_not_a_yaml_mapping(text, names, tmp_path, capsys):
-    path = write(tmp_path / "broken.yaml", text)
-    code, _, err = call(capsys, "run", path, "--out", tmp_path / "out")
-    assert code == 2
-    assert_one_error_line(err, str(path), *names)
-
-
-def test_missing_or_unreadable_config(tmp_path, capsys):
-    code, _, err = call(capsys, "run", tmp_path / "nope.yaml")
-    assert code == 2
-    assert_one_error_line(err, "cannot read config", "nope.yaml")
-    # root can read any file, so a directory stands in for an unreadable one
-    (tmp_path / "folder.yaml").mkdir()
-    code, _, err = call(capsys, "run", tmp_path / "folder.yaml")
-    assert code == 2
-    assert_one_error_line(err, "cannot read config", "folder.yaml")
-
-
-# ------------------------------------------------------------------------------ run-time errors
-def layer_error(config, tmp_path):
-    config["task_options"]["student_layers"] = ["mlp.1", "mlp.99"]
-    return ["'mlp.99'", "mlp.1"]
-
-
-def teacher_layer_error(config, tmp_path):
-    config["task_options"]["teacher_layers"] = ["mlp.4", "mlp.1"]  # l after h
-    return ["'mlp.4' must run before", "'mlp.1'"]
-
-
-def missing_data(config, tmp_path):
-    (tmp_path / "empty").mkdir()
-    config["task_options"].update(data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c"),
-                                  download=False)
-    return ["MovieLens-100K not found", str(tmp_path / "empty")]
-
-
-RUN_TIME_ERRORS = [layer_error, teacher_layer_error, missing_data]
-
-
-@pytest.mark.parametrize("make_error", RUN_TIME_ERRORS)
-def test_run_time_errors_exit_2_naming_the_value(make_error, config, tmp_path, capsys):
-    names = make_error(config, tmp_path)
-    code, _, err = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "o")
-    assert code == 2
-    assert "Traceback" not in err
-    (line,) = [line for line in re.split(r"[\r\n]", err) if "error: " in line]
-    for name in names:
-        assert name in line
-
-
-@pytest.mark.parametrize("make_error", RUN_TIME_ERRORS)
-def test_run_time_errors_are_one_line(make_error, config, tmp_path, capsys):
-    names = make_error(config, tmp_path)
-    code, _, err = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "o")
-    assert code == 2
-    assert_one_error_line(err, *names)
-
-
-# ------------------------------------------------------------------------------ bench errors
-@pytest.mark.parametrize("argv, names", [
-    (["bench", "movielenz"], ["'movielenz'", "movielens"]),
-    (["bench", "movielens", "--methods", "scratch,tdd"], ["'tdd'", "td"]),
-    (["bench", "movielens", "--settings", "Drma"], ["'Drma'"]),
-    (["bench", "movielens", "--seeds", "-1"], ["seeds", "-1"]),
-    (["bench", "movielens", "--seeds", "0"], ["seeds", "0"]),
-])
-def test_bench_errors(argv, names, capsys, tmp_path):
-    code, _, err = call(capsys, *argv, "--out", tmp_path / "out")
-    assert code == 2
-    assert_one_error_line(err, *names)
-
-
+# ------------------------------------------------------------------------------ argument errors
+# (every other user mistake is in test_bad_inputs.py)
 @pytest.mark.parametrize("argv, names", [
     (["frobnicate"], ["invalid choice", "'frobnicate'"]),
     (["bench"], ["task"]),
@@ -196,7 +76,7 @@ def no_grid(monkeypatch):
     """Replace the grid runner: records its calls and advances a fake clock by 42 s."""
     calls, clock = [], [1000.0]
 
-    def fake_run(exp, out, force=False, progress=True):
+    def fake_run(exp, out, force=False, progress=True, resume=False, tensorboard=None):
         calls.append(exp)
         clock[0] += 42.0
         return Path(out) / "report.md"
@@ -350,3 +230,65 @@ def test_a_diverging_run_is_recorded_as_failed(config, tmp_path, capsys, divergi
     # a rerun does not retry it silently (--force does)
     code, _, _ = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", out)
     assert code == 0 and len(read_rows(out / "results.csv")) == 2
+
+
+# ------------------------------------------------------------------------------ resume, TensorBoard
+@pytest.fixture
+def interrupting_method():
+    """A registered TD whose first instance receives SIGINT in its 5th step."""
+    import signal
+
+    from talkingmodels.methods.td import TalkingDistillation
+
+    class Interrupting(TalkingDistillation):
+        """Test only."""
+
+        steps = 0
+
+        def forward_train(self, batch):
+            Interrupting.steps += 1
+            if Interrupting.steps == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().forward_train(batch)
+
+    METHODS.register("test-interrupting")(Interrupting)
+    yield "test-interrupting"
+    METHODS.pop("test-interrupting")
+
+
+def test_resume_continues_an_interrupted_run(config, tmp_path, capsys, interrupting_method):
+    config["methods"] = [{"name": interrupting_method, "label": "td"}]
+    path = write(tmp_path / "c.yaml", config)
+    code, _, err = call(capsys, "run", path, "--out", tmp_path / "out")
+    assert code == 130 and "--resume" in err
+    assert (tmp_path / "out" / "checkpoints" / "dense__td__0.pt").exists()
+    code, _, err = call(capsys, "run", path, "--out", tmp_path / "out")  # no --resume
+    assert code == 2 and "--resume" in err
+    code, _, err = call(capsys, "run", path, "--out", tmp_path / "out", "--resume")
+    assert code == 0, err
+    config["methods"] = [{"name": "td"}]  # the same run, never interrupted
+    code, _, err = call(capsys, "run", write(tmp_path / "w.yaml", config), "--out", tmp_path / "whole")
+    assert code == 0, err
+    def outcome(out):
+        return [(r["value"], r["val_value"], r["epochs"]) for r in read_rows(out / "results.csv")]
+
+    assert outcome(tmp_path / "out") == outcome(tmp_path / "whole")
+    assert not list((tmp_path / "out" / "checkpoints").glob("*.pt"))
+
+
+def test_tensorboard_logs_every_loss_term_per_step_and_epoch(config, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config["methods"] = [{"name": "td"}]
+    code, _, err = call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "out",
+                        "--tensorboard", tmp_path / "tb")
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "tb" / "dense__td__0")).Reload()
+    tags = set(events.Tags()["scalars"])
+    terms = {"task", "kd", "interact", "mc", "sc"}
+    assert {f"step/loss_{t}" for t in terms} | {f"epoch/loss_{t}" for t in terms} | {"epoch/val_rmse"} <= tags
+    curves = read_rows(tmp_path / "out" / "curves" / "dense__td__0.csv")
+    epochs = {int(r["epoch"]) for r in curves}
+    assert [e.step for e in events.Scalars("epoch/val_rmse")] == sorted(epochs)
+    steps = [e.step for e in events.Scalars("step/loss_task")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) % len(epochs) == 0

@@ -122,7 +122,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(dense, tmp_path, signum, at_
 
     method.forward_train = signalled
     path = tmp_path / "run.pt"
-    with pytest.raises(Interrupted, match="run the same command again to resume"):
+    with pytest.raises(Interrupted, match="run the same command with --resume"):
         fit(method, dense.splits, MovieLens.metric, TRAIN, 7, checkpoint=path)
     paused = torch.load(path, weights_only=False)["partial"]
     assert paused["steps"] == at_step % -(-len(dense.splits.train) // TRAIN.batch_size)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from talkingmodels import losses
@@ -74,7 +74,7 @@ def relu_name(layer: int) -> str:
 class RecommenderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     embedding: int = Field(ge=1)
-    hidden: list[int] = Field(min_length=2)
+    hidden: list[PositiveInt] = Field(min_length=2)
     dropout: float = Field(0.0, ge=0, lt=1)
 
     def layers(self) -> tuple[str, str]:
@@ -141,17 +141,29 @@ def download(target: Path) -> Path:
 def read_ratings(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     """``u.data`` as an (n, 3) int array of 0-based user, 0-based item, rating, and
     ``u.item``'s genre flags as an (items, 19) bool array."""
+    def malformed(what: str) -> UserError:
+        return UserError(f"malformed MovieLens files in {directory}: {what}")
+
     try:
         ratings = np.loadtxt(directory / "u.data", dtype=np.int64, usecols=(0, 1, 2), ndmin=2)
+    except (ValueError, IndexError, OSError) as exc:
+        raise malformed(f"u.data: {exc}") from None
+    try:
         with open(directory / "u.item", encoding="latin-1") as handle:
             rows = [line.rstrip("\n").split("|") for line in handle if line.strip()]
         genres = np.array([[flag == "1" for flag in row[-len(GENRES):]] for row in rows])
         ids = np.array([int(row[0]) for row in rows])
     except (ValueError, IndexError, OSError) as exc:
-        raise UserError(f"malformed MovieLens files in {directory}: {exc}") from None
-    if genres.ndim != 2 or genres.shape[1] != len(GENRES) or ratings.shape[1] != 3:
-        raise UserError(f"malformed MovieLens files in {directory}: expected 3 columns in u.data "
-                        f"and {len(GENRES)} genre flags per line of u.item")
+        raise malformed(f"u.item: {exc}") from None
+    if genres.ndim != 2 or genres.shape[1] != len(GENRES) or len(ids) == 0:
+        raise malformed(f"u.item needs {len(GENRES)} genre flags at the end of every line")
+    bad = ratings[(ratings[:, 2] < 1) | (ratings[:, 2] > 5)]
+    if len(bad):
+        raise malformed(f"u.data has rating {bad[0, 2]} (ratings are 1..5)")
+    unlisted = ratings[(ratings[:, 1] < 1) | (ratings[:, 1] > ids.max()) | (ratings[:, 0] < 1)]
+    if len(unlisted):
+        raise malformed(f"u.data names user {unlisted[0, 0]} and item {unlisted[0, 1]}, but ids "
+                        f"start at 1 and u.item lists items up to {ids.max()}")
     flags = np.zeros((ids.max() + 1, len(GENRES)), dtype=bool)
     flags[ids] = genres
     ratings[:, :2] -= 1

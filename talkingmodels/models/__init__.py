@@ -1,0 +1,1 @@
+"""Plain-PyTorch image models whose pretrained weights ship as pip packages."""

@@ -5,7 +5,8 @@ may differ in width, so an encoder holds one input projection per layer it speak
 and a decoder one output projection per layer it listens at; layers are named by their
 role (``"l"`` or ``"h"``). Modules act on the feature dimension only, so sequence states
 ``(batch, tokens, dim)`` are handled per token and spatial states ``(batch, channels,
-height, width)`` per position (a 1x1 map).
+height, width)`` per position (a 1x1 map). Where the speaker's grid differs from the
+listener's, :func:`to_grid` resizes the message to the listener's grid.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ChannelKind = Literal["linear", "dense-relu-dense"]
@@ -23,6 +25,27 @@ def _features_last(fn, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4:
         return fn(x.movedim(1, -1)).movedim(-1, 1)
     return fn(x)
+
+
+def to_grid(message: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``message`` laid out on the spatial grid of the state ``like``.
+
+    Images: a larger grid is average-pooled down (each listener position hears the mean of
+    the speaker positions it covers), a smaller one is bilinearly upsampled. A vector
+    message is broadcast over a grid; a grid message is averaged for a vector listener.
+    """
+    if like.dim() == 4:
+        if message.dim() == 2:
+            return message[:, :, None, None].expand(-1, -1, *like.shape[-2:])
+        size, grid = tuple(like.shape[-2:]), tuple(message.shape[-2:])
+        if grid == size:
+            return message
+        if grid[0] >= size[0] and grid[1] >= size[1]:
+            return F.adaptive_avg_pool2d(message, size)
+        return F.interpolate(message, size=size, mode="bilinear", align_corners=False)
+    if message.dim() == 4:
+        return message.mean(dim=(2, 3))
+    return message
 
 
 class Encoder(nn.Module):

@@ -83,7 +83,10 @@ def predict(model: nn.Module, split: Split, batch_size: int = 8192) -> torch.Ten
 def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...],
                        batch_size: int = 8192) -> None:
     """Store the frozen teacher's states at ``layers`` and its output for every example of
-    ``split`` in ``split.teacher_cache``: the teacher is then never run again on it."""
+    ``split`` in ``split.teacher_cache``: the teacher is then never run again on it.
+    Nothing to do when the task already filled the cache (e.g. from its disk cache)."""
+    if all(key in split.teacher_cache for key in (*layers, "output")):
+        return
     parts: dict[str, list[torch.Tensor]] = {}
     teacher.eval()
     for batch in split.batches(batch_size):

@@ -111,7 +111,7 @@ class Experiment:
     task: Task
     settings: list[str]
     methods: list[tuple[str, type, object]]  # (label, class, validated method config)
-    train: TrainConfig
+    train: dict[str, TrainConfig]  # per setting
     seeds: list[int]
 
 
@@ -131,7 +131,9 @@ def resolve(config: ExperimentConfig) -> Experiment:
                             "its own 'label'")
         labels.add(label)
         methods.append((label, cls, options))
-    train = validate(TrainConfig, {**task.default_train, **config.train}, "train")
+    # The task's defaults (per setting where they differ), under the config's own values.
+    train = {s: validate(TrainConfig, {**task.default_train, **task.setting_train.get(s, {}),
+                                       **config.train}, "train") for s in settings}
     return Experiment(config, task, settings, methods, train, config.seed_list())
 
 
@@ -240,14 +242,14 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     done = set() if force else _done(results)
     grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
             for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
-    interrupted = {path: (cls, options) for s, label, cls, options, seed in grid
+    interrupted = {path: (s, cls, options) for s, label, cls, options, seed in grid
                    if (path := out / "checkpoints" / f"{_run_id(s, label, seed)}.pt").exists()}
     if interrupted and not (resume or force):
         raise UserError(f"{out} holds {len(interrupted)} interrupted run(s) ({next(iter(interrupted)).name}"
                         ", ...): add --resume to continue them, or --force to start over")
     if not force:  # verify them now, not after hours of other runs
-        for path, (cls, options) in interrupted.items():
-            load_checkpoint(path, _fingerprint(exp, cls, options))
+        for path, (setting, cls, options) in interrupted.items():
+            load_checkpoint(path, _fingerprint(exp, setting, cls, options))
     # Prepare every setting and build every method once before the first run, so a bad
     # layer name or missing data is reported before any work (and before the progress bar).
     # The main process goes first: it builds the caches the others then read.
@@ -276,9 +278,9 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     return write_report(out) if distributed.is_main() else out / "report.md"
 
 
-def _fingerprint(exp: Experiment, cls: type, options) -> dict:
+def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:
     """What a checkpoint must agree with to be resumed: everything that shapes its run."""
-    return {"task": exp.config.task_options, "train": exp.train.model_dump(),
+    return {"task": exp.config.task_options, "train": exp.train[setting].model_dump(),
             "method": {"name": cls.name, **options.model_dump(mode="json")}}
 
 
@@ -316,7 +318,7 @@ class _TensorBoard:
 def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, seed: int,
              out: Path, bar, tensorboard: Path | None) -> None:
     """Train one (setting, method, seed) and append its rows to the runs store."""
-    task, train = exp.task, exp.train
+    task, train = exp.task, exp.train[prep.setting]
     where = f"{prep.setting} {label} seed {seed}"
     bar.set_postfix_str(where, refresh=False)
     method = build_method(prep, cls, options, seed)
@@ -333,7 +335,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
     try:
         result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
                      on_step=board.step if board.folder else None,
-                     fingerprint=_fingerprint(exp, cls, options), distribute=True)
+                     fingerprint=_fingerprint(exp, prep.setting, cls, options), distribute=True)
     except NumericalFault as fault:
         # Recorded as failed (the report shows it); the last good checkpoint stays on disk.
         board.close()

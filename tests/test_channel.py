@@ -92,3 +92,18 @@ def test_speaker_holds_an_encoder_and_a_decoder():
     assert speaker.decoder(speaker.encoder(torch.randn(3, 10), "l"), "h").shape == (3, 2)
     # it decodes only at the layers it listens at
     assert set(speaker.encoder.inputs) == {"l", "h"} and set(speaker.decoder.outputs) == {"h"}
+
+
+def test_to_grid_resizes_messages_to_the_listener():
+    from talkingmodels.channel import to_grid
+
+    message = torch.arange(16.0).view(1, 1, 4, 4)
+    pooled = to_grid(message, torch.zeros(1, 7, 2, 2))
+    assert torch.equal(pooled, torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))  # 2x2 means
+    assert to_grid(message, torch.zeros(1, 3, 8, 8)).shape == (1, 1, 8, 8)  # upsampled
+    assert to_grid(message, torch.zeros(1, 3, 4, 4)) is message
+    assert torch.equal(to_grid(message, torch.zeros(1, 5)), torch.tensor([[7.5]]))  # grid -> vector
+    vector = torch.tensor([[1.0, 2.0]])
+    assert torch.equal(to_grid(vector, torch.zeros(1, 9, 3, 3)),
+                       vector[:, :, None, None].expand(1, 2, 3, 3))  # vector -> grid
+    assert to_grid(vector, torch.zeros(1, 4)) is vector

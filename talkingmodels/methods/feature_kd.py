@@ -7,7 +7,7 @@ import torch
 from pydantic import Field
 
 from talkingmodels import losses
-from talkingmodels.channel import ChannelKind, Encoder
+from talkingmodels.channel import ChannelKind, Encoder, to_grid
 from talkingmodels.data import Batch
 from talkingmodels.methods.base import Distiller, MethodConfig
 from talkingmodels.methods.registry import register
@@ -38,8 +38,9 @@ class FeatureMatching:
         s_name, t_name = self.layer_names()
         prediction, states = self.student_states(batch, (s_name,))
         teacher = self.teacher_states(batch, (t_name,))
-        mapped = self.regressor(states[s_name], self.config.layer)
-        return prediction, self.config.feature_weight * losses.mse(mapped, teacher[t_name]), teacher
+        target = teacher[t_name]
+        mapped = to_grid(self.regressor(states[s_name], self.config.layer), target)
+        return prediction, self.config.feature_weight * losses.mse(mapped, target), teacher
 
 
 @register("feature-kd")

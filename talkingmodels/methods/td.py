@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from talkingmodels import losses, taps
-from talkingmodels.channel import ChannelKind, Speaker
+from talkingmodels.channel import ChannelKind, Speaker, to_grid
 from talkingmodels.data import Batch
 from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig, output_kd
 from talkingmodels.methods.registry import register
@@ -80,7 +80,7 @@ class TalkingDistillation(LogitKD):
     def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
         t_low, t_high = self.pair.teacher_layers
-        heard = self.teacher_side.decoder(question, "l")
+        heard = self.teacher_side.decoder(to_grid(question, t_l), "l")
         if self.config.listen == "add":
             heard = t_l + heard
         return taps.run_between(self.teacher, t_low, t_high, heard, *batch.teacher_inputs)
@@ -106,7 +106,7 @@ class TalkingDistillation(LogitKD):
                 # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
                 question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
                 t_high_answer = self.interpret(question, teacher[t_low], batch)
-                s_high_answer = D_S(E_T(t_high_answer, "h"), "h")
+                s_high_answer = D_S(to_grid(E_T(t_high_answer, "h"), s_h), "h")
                 target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
                 answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
                 interact = interact + self.distance(answer, target)
@@ -131,7 +131,9 @@ class TalkingDistillation(LogitKD):
         if cfg.message_consistency and cfg.w2 > 0:
             pairs = {"l": (s_l, teacher[t_low]), "h": (s_h, teacher[t_high])}
             terms["mc"] = cfg.w2 * sum(
-                self.distance(E_S(pairs[role][0], role), E_T(pairs[role][1], role))
+                # (the teacher's message laid out on the student's grid)
+                self.distance(E_S(pairs[role][0], role),
+                              to_grid(E_T(pairs[role][1], role), pairs[role][0]))
                 for role in cfg.mc_layers) / len(cfg.mc_layers)
         if cfg.state_consistency and cfg.w3 > 0:
             t_l = teacher[t_low]

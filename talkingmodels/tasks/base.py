@@ -54,7 +54,10 @@ class Task:
     output: ClassVar[OutputKind]
     default_settings: ClassVar[tuple[str, ...]]
     default_train: ClassVar[dict] = {}  # TrainConfig values for this task's students
-    default_methods: ClassVar[dict[str, dict]] = {}  # bench grid: label -> method options
+    setting_train: ClassVar[dict[str, dict]] = {}  # ... and per setting, where they differ
+    # The bench grid: label -> method options (the paper's baselines and TD by default).
+    default_methods: ClassVar[dict[str, dict]] = {
+        "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {}}
 
     def __init__(self, config: TaskConfig):
         self.config = config

@@ -178,9 +178,6 @@ class MovieLens(Task):
     output = "regression"
     default_settings = ("dense", "sparse")
     default_train = {"epochs": 200, "batch_size": 256, "lr": 1e-3, "patience": 10}
-    default_methods = {
-        "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {},
-    }
 
     def __init__(self, config: MovieLensConfig):
         super().__init__(config)

@@ -1,6 +1,6 @@
 """Benchmark tasks. Importing this package registers all of them."""
 
-from talkingmodels.tasks import movielens, vision  # noqa: F401
+from talkingmodels.tasks import movielens, text, vision  # noqa: F401
 from talkingmodels.tasks.base import Prepared, Task, TaskConfig
 from talkingmodels.tasks.registry import TASKS, get_task, register
 

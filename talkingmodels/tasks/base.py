@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from talkingmodels import losses
 from talkingmodels.data import Splits
 from talkingmodels.engine import Metric
 from talkingmodels.errors import UserError
@@ -88,3 +89,10 @@ def config_key(*parts) -> str:
     """A short stable hash of JSON-able parts: the cache key of a derived artefact."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ClassificationTask(Task):
+    """A task whose student predicts class logits, scored by accuracy."""
+
+    metric = Metric("accuracy", losses.accuracy, higher_is_better=True)
+    output = "classification"

@@ -33,13 +33,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
-from talkingmodels import losses, taps
+from talkingmodels import frozen, losses, taps
 from talkingmodels.data import Split, Splits
-from talkingmodels.engine import Metric
 from talkingmodels.errors import UserError
-from talkingmodels.io import atomic_save
 from talkingmodels.models import efficientnet_lite
-from talkingmodels.tasks.base import Prepared, Task, TaskConfig, config_key
+from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key
 from talkingmodels.tasks.registry import register
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -178,51 +176,11 @@ class ProbedTeacher(nn.Module):
         return self.probe(self.backbone.features(self.prep(images)))
 
 
-def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int) -> nn.Linear:
-    """Multinomial logistic regression with an L2 penalty, by full-batch L-BFGS from zero
-    (a convex problem: deterministic, no learning rate to tune)."""
-    probe = nn.Linear(x.shape[1], classes)
-    nn.init.zeros_(probe.weight)
-    nn.init.zeros_(probe.bias)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + l2 * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return probe
-
-
-def fit_probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
-              classes: int = 10) -> tuple[nn.Linear, float]:
-    """A multinomial logistic regression on standardised features (L-BFGS, full batch),
-    its L2 strength picked on the validation split. Returns the probe as one Linear on
-    the raw features (the standardisation folded in) and its L2 strength."""
-    mean, std = train.mean(0), train.std(0) + 1e-6
-    z_train, z_val = (train - mean) / std, (val - mean) / std
-    best = None
-    for l2 in (1e-4, 1e-3, 1e-2):
-        probe = _logistic_regression(z_train, train_y, l2, classes)
-        with torch.no_grad():
-            score = float(losses.accuracy(probe(z_val), val_y))
-        if best is None or score > best[0]:
-            best = (score, l2, probe)
-    _, l2, probe = best
-    folded = nn.Linear(train.shape[1], classes)
-    with torch.no_grad():
-        folded.weight.copy_(probe.weight / std)
-        folded.bias.copy_(probe.bias - (probe.weight * (mean / std)).sum(1))
-    return folded, l2
-
-
 # ------------------------------------------------------------------------------ task
 class VisionConfig(TaskConfig):
     download: bool = True
     subset_seed: int = 0
-    val_size: PositiveInt = Field(5000, description="validation images, held out of the training set")
+    val_size: PositiveInt = Field(2000, description="validation images, held out of the training set")
     test_size: PositiveInt | None = Field(None, description="default: the full 10,000")
     teacher_image_size: int = Field(64, ge=32, le=224, description="px the teacher sees")
     weights: Path | None = Field(None, description="EfficientNet-Lite0 state dict (default: the "
@@ -235,10 +193,8 @@ class VisionConfig(TaskConfig):
 
 
 @register("vision")
-class FashionVision(Task):
+class FashionVision(ClassificationTask):
     Config = VisionConfig
-    metric = Metric("accuracy", losses.accuracy, higher_is_better=True)
-    output = "classification"
     default_settings = tuple(SETTINGS)
     # 10,000 images converge in about 10 epochs; 1,000 (8 steps an epoch) need many more.
     default_train = {"epochs": 12, "batch_size": 128, "lr": 2e-3, "patience": 4}
@@ -294,36 +250,16 @@ class FashionVision(Task):
         the disk cache or computed (then cached). ``name`` is the split's name in the cache."""
         cfg = self.config
         weights = Path(cfg.weights) if cfg.weights else None
+        # Which images: the split's name holds its size; the validation images also depend
+        # on how many there are (the last ones of the seeded order).
+        rows = (cfg.subset_seed, cfg.val_size if name == "val" else None)
         key = config_key("fashion-teacher", CACHE_VERSION, cfg.teacher_image_size, layers,
-                         self.data()[4], cfg.subset_seed, cfg.val_size,
-                         efficientnet_lite.MEAN, efficientnet_lite.STD,
+                         self.data()[4], rows, efficientnet_lite.MEAN, efficientnet_lite.STD,
                          str(weights) if weights else "package", weights.stat().st_size if weights else 0)
         path = self.cache_dir() / "teacher-states" / f"fashion-{key}-{name}.pt"
-        wanted = (*layers, "features")
-        if path.is_file():
-            try:
-                cached = torch.load(path, weights_only=True)
-                if all(k in cached and len(cached[k]) == len(images) for k in wanted):
-                    return cached
-                raise ValueError("unexpected content")
-            except Exception as exc:  # a corrupt cache file is rebuilt, never used
-                print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
-        print(f"computing the teacher's states on {len(images)} {name} images (cached afterwards)",
-              file=sys.stderr)
         teacher = ProbedTeacher(self.backbone(), cfg.teacher_image_size).eval()
-        parts: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad():
-            for start in range(0, len(images), 250):
-                batch = images[start: start + 250]
-                with taps.capture(teacher.backbone, ("_avg_pooling",)) as pooled, \
-                        taps.capture(teacher, layers) as states:
-                    teacher(batch)
-                states["features"] = pooled["_avg_pooling"].flatten(1)
-                for k in wanted:
-                    parts.setdefault(k, []).append(states[k])
-        result = {k: torch.cat(v) for k, v in parts.items()}
-        atomic_save(result, path)
-        return result
+        return frozen.cached_states(path, teacher, (images,), layers,
+                                    lambda x: teacher.backbone.features(teacher.prep(x)), name)
 
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)
@@ -345,7 +281,7 @@ class FashionVision(Task):
         pool = self._teacher_outputs(f"train-{n}", splits.train.student_inputs[0], layers)
         val = self._teacher_outputs("val", splits.val.student_inputs[0], ())
         test = self._teacher_outputs(f"test-{len(test_rows)}", splits.test.student_inputs[0], ())
-        probe, _ = fit_probe(pool["features"], splits.train.target, val["features"], splits.val.target)
+        probe, _ = frozen.fit_probe(pool["features"], splits.train.target, val["features"], splits.val.target)
         teacher.probe = probe
         teacher.eval().requires_grad_(False)
         with torch.no_grad():

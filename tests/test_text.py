@@ -85,7 +85,8 @@ def test_the_teacher_is_the_published_sentence_encoder(encoder):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_run_between_reproduces_the_teacher_on_padded_sentences(encoder):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "generic path"])
+def test_run_between_reproduces_the_teacher_on_padded_sentences(encoder, fast):
     bert, tokenizer = encoder
     teacher = ProbedTextTeacher(bert).eval().requires_grad_(False)
     batch = tokenizer(SENTENCES, padding="max_length", max_length=24, return_tensors="pt")
@@ -95,16 +96,28 @@ def test_run_between_reproduces_the_teacher_on_padded_sentences(encoder):
     with torch.no_grad(), taps.capture(teacher, (low, high)) as states:
         teacher(ids, mask)
     state = states[low].clone().requires_grad_(True)
-    again = taps.run_between(teacher, low, high, state, ids, mask)
+    again = taps.run_between(teacher, low, high, state, ids, mask, fast=fast)
     assert torch.allclose(again, states[high], atol=1e-5)
     again.sum().backward()
     assert state.grad.abs().sum() > 0  # the interpretation step trains what is spliced in
     # What is spliced in at the padding positions never reaches the real tokens.
     noisy = torch.where(mask.bool().unsqueeze(-1), states[low], torch.randn_like(states[low]))
     with torch.no_grad():
-        interpreted = taps.run_between(teacher, low, high, noisy, ids, mask)
+        interpreted = taps.run_between(teacher, low, high, noisy, ids, mask, fast=fast)
     real = mask.bool()
     assert torch.allclose(interpreted[real], states[high][real], atol=1e-5)
+
+
+def test_fast_and_generic_paths_agree(encoder):
+    bert, tokenizer = encoder
+    teacher = ProbedTextTeacher(bert).eval().requires_grad_(False)
+    batch = tokenizer(SENTENCES, padding="max_length", max_length=24, return_tensors="pt")
+    state = torch.randn(len(SENTENCES), 24, 384)  # any state, not only the teacher's own
+    for low, high in [("bert.encoder.layer.0", "bert.encoder.layer.5"),
+                      ("bert.encoder.layer.2", "bert.encoder.layer.3")]:
+        fast, generic = (taps.run_between(teacher, low, high, state, batch["input_ids"],
+                                          batch["attention_mask"], fast=f) for f in (True, False))
+        assert torch.allclose(fast, generic, atol=1e-5)
 
 
 def test_domains_load_with_binary_labels_and_no_neutral_sentences(tmp_path):

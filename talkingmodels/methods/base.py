@@ -74,10 +74,10 @@ class Distiller(nn.Module):
     # ----------------------------------------------------------------- training API
     def forward(self, *student_inputs: torch.Tensor) -> torch.Tensor:
         """Inference needs only the student."""
-        return self.student(*student_inputs)
+        return taps.prediction(self.student(*student_inputs))
 
     def forward_train(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        prediction = self.student(*batch.student_inputs)
+        prediction = taps.prediction(self.student(*batch.student_inputs))
         return prediction, {"task": self.pair.task_loss(prediction, batch.target)}
 
     def stages(self) -> list[Stage]:
@@ -106,7 +106,7 @@ class Distiller(nn.Module):
     def student_states(self, batch: Batch, layers: tuple[str, ...]):
         """Student prediction and its states at ``layers`` (with gradients)."""
         with taps.capture(self.student, layers) as states:
-            prediction = self.student(*batch.student_inputs)
+            prediction = taps.prediction(self.student(*batch.student_inputs))
         return prediction, states
 
     def teacher_states(self, batch: Batch, layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -121,7 +121,7 @@ class Distiller(nn.Module):
             return {key: batch.teacher_cache[key] for key in wanted}
         with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
             with taps.capture(self.teacher, layers) as states:
-                output = self.teacher(*batch.teacher_inputs)
+                output = taps.prediction(self.teacher(*batch.teacher_inputs))
         return {**states, "output": output}
 
     @staticmethod

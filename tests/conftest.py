@@ -118,3 +118,20 @@ def dense(task):
     """The prepared ``dense`` setting with the fixture teacher loaded from the cache (the
     usual case once a teacher exists). Shared by many tests: never modify its teacher or splits."""
     return task.prepare("dense")
+
+
+def train_one_epoch(prepared, name: str, metric, batch_size: int):
+    """Train method ``name`` for one epoch on a prepared setting: (its result, whether the
+    frozen teacher's weights stayed exactly the same)."""
+    from talkingmodels.engine import TrainConfig, fit
+    from talkingmodels.experiments import build_method
+    from talkingmodels.methods import METHODS
+
+    if name.startswith("test-"):
+        pytest.skip("registered by another test")
+    cls = METHODS[name]
+    method = build_method(prepared, cls, cls.Config(), seed=0)
+    before = {k: v.clone() for k, v in prepared.teacher.state_dict().items()}
+    result = fit(method, prepared.splits, metric, TrainConfig(epochs=1, batch_size=batch_size), seed=0)
+    after = prepared.teacher.state_dict()
+    return result, all(torch.equal(v, after[k]) for k, v in before.items())

@@ -18,6 +18,7 @@ from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS
 from talkingmodels.models import efficientnet_lite
 from talkingmodels.tasks.vision import FashionVision, SmallCNN, StudentSpec, VisionConfig, find_data
+from tests.conftest import train_one_epoch
 
 SMALL = {"val_size": 32, "test_size": 64, "teacher_image_size": 32, "download": False}
 
@@ -136,15 +137,9 @@ def test_student_size_and_layers():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_on_spatial_states(prepared, name):
-    if name.startswith("test-"):
-        pytest.skip("registered by another test")
-    cls = METHODS[name]
-    method = experiments.build_method(prepared, cls, cls.Config(), seed=0)
-    teacher = {k: v.clone() for k, v in prepared.teacher.state_dict().items()}
-    result = fit(method, prepared.splits, FashionVision.metric, TrainConfig(epochs=1, batch_size=32),
-                 seed=0)
+    result, teacher_unchanged = train_one_epoch(prepared, name, FashionVision.metric, batch_size=32)
     assert 0 <= result.test <= 1
-    assert all(torch.equal(v, prepared.teacher.state_dict()[k]) for k, v in teacher.items())
+    assert teacher_unchanged
 
 
 def test_td_learns_on_fashion(tmp_path):

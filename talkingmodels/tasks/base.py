@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,16 @@ class Task:
         if os.environ.get("TALKINGMODELS_CACHE"):
             return Path(os.environ["TALKINGMODELS_CACHE"])
         return Path.home() / ".cache" / "talkingmodels"
+
+
+def sized_setting(setting: str, names) -> tuple[str, int | None] | None:
+    """A setting ``NAME`` or ``NAME-N`` / ``NAME-Nk`` (train on N examples) with NAME one of
+    ``names``: (NAME, N, or None for the plain name); None when it is neither."""
+    match = re.fullmatch(rf"({'|'.join(map(re.escape, names))})(?:-([1-9]\d*)(k?))?", setting)
+    if match is None:
+        return None
+    name, digits, thousands = match.groups()
+    return name, (int(digits) * (1000 if thousands else 1) if digits else None)
 
 
 def config_key(*parts) -> str:

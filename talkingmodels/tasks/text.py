@@ -28,7 +28,6 @@ import importlib
 import importlib.util
 import math
 import os
-import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch import nn
 from talkingmodels import frozen, losses, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
-from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key
+from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key, sized_setting
 from talkingmodels.tasks.registry import register
 
 # setting name -> the stem of the data set's file ``{stem}_GroundTruth.txt``
@@ -281,15 +280,7 @@ class Sentiment(ClassificationTask):
         return [*DOMAINS, "DOMAIN-N (N training sentences of a domain, e.g. tweets-1k or movies-500)"]
 
     def check_setting(self, setting: str) -> str:
-        if setting in DOMAINS or re.fullmatch(rf"({'|'.join(DOMAINS)})-[1-9]\d*k?", setting):
-            return setting
-        return super().check_setting(setting)
-
-    @staticmethod
-    def parse(setting: str) -> tuple[str, int | None]:
-        """(domain, training sentences or None for all of the domain's training part)."""
-        domain, _, size = setting.partition("-")
-        return domain, (int(size.rstrip("k")) * (1000 if size.endswith("k") else 1) if size else None)
+        return setting if sized_setting(setting, DOMAINS) else super().check_setting(setting)
 
     def encoder(self):
         """(the Hugging Face model, its tokenizer), loaded once."""
@@ -334,7 +325,7 @@ class Sentiment(ClassificationTask):
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)
         cfg = self.config
-        domain, size = self.parse(setting)
+        domain, size = sized_setting(setting, DOMAINS)  # size None: the whole training part
         input_ids, attention_mask, labels, (train_rows, val_rows, test_rows) = self.data(domain)
         if size is not None:
             if size > len(train_rows):

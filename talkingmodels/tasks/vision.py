@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -37,7 +36,7 @@ from talkingmodels import frozen, losses, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.models import efficientnet_lite
-from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key
+from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key, sized_setting
 from talkingmodels.tasks.registry import register
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -209,16 +208,14 @@ class FashionVision(ClassificationTask):
         return [*SETTINGS, "fashion-N (N training images, e.g. fashion-500 or fashion-2k)"]
 
     def check_setting(self, setting: str) -> str:
-        if setting in SETTINGS or re.fullmatch(r"fashion-[1-9]\d*k?", setting):
+        if sized_setting(setting, ("fashion",)):
             self.train_size(setting)  # within what the training set holds
             return setting
         return super().check_setting(setting)
 
     def train_size(self, setting: str) -> int:
-        if setting in SETTINGS:
-            return SETTINGS[setting]
-        digits = setting.removeprefix("fashion-")
-        size = int(digits.rstrip("k")) * (1000 if digits.endswith("k") else 1)
+        _, size = sized_setting(setting, ("fashion",))
+        size = size or SETTINGS["fashion"]
         limit = 60_000 - self.config.val_size
         if size > limit:
             raise UserError(f"setting {setting!r} asks for {size} training images; at most {limit} "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from talkingmodels import experiments, taps
-from talkingmodels.methods import METHODS, Distiller
+from talkingmodels.methods import METHODS, Distiller, supports
 
 # Loss terms per (method, stage). A method missing here is still trained and checked for
 # finite terms; add it here to pin its terms down.
@@ -20,6 +20,12 @@ EXPECTED_TERMS = {
     ("fitnet", "main"): {"task", "kd"},
     ("hybrid", "main"): {"task", "kd", "feature"},
     ("td", "main"): {"task", "kd", "interact", "mc", "sc"},
+    ("dkd", "main"): {"task", "tckd", "nckd"},
+    ("dist", "main"): {"task", "inter", "intra"},
+    ("rkd", "main"): {"task", "distance", "angle"},
+    ("pkt", "main"): {"task", "pkt"},
+    ("crd", "main"): {"task", "crd"},
+    ("kd-modules", "main"): {"task", "kd", "feature", "mc", "sc"},
 }
 
 
@@ -31,6 +37,12 @@ def build(prepared, name: str, seed: int = 0, **options) -> Distiller:
 @pytest.fixture(scope="module")
 def batch(dense):
     return dense.splits.train.batch(slice(0, 64))
+
+
+def skip_unless_supported(prepared, name: str) -> None:
+    """Classification-only methods (dkd, dist) have no meaning on the rating fixture."""
+    if not supports(METHODS[name], prepared.output):
+        pytest.skip(f"{name} does not apply to {prepared.output} outputs")
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,13 +62,15 @@ def nonzero(grad: torch.Tensor | None) -> bool:
 
 
 def test_all_methods_are_registered():
-    assert {"scratch", "logit-kd", "feature-kd", "fitnet", "hybrid", "td"} <= set(METHODS)
+    assert {"scratch", "logit-kd", "feature-kd", "fitnet", "hybrid", "td",
+            "dkd", "dist", "rkd", "pkt", "crd", "kd-modules"} <= set(METHODS)
     for name, cls in METHODS.items():
         assert cls.name == name and issubclass(cls, Distiller)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_one_training_step(dense, batch, name):
+    skip_unless_supported(dense, name)
     method = build(dense, name)
     teacher_before = snapshot(method.teacher)
     method.train()
@@ -266,7 +280,7 @@ def test_td_stop_gradient_question_only_blocks_the_question_path(dense, batch):
 
 # ------------------------------------------------------------------------------ teacher cache
 def with_cache(batch, cache: dict[str, torch.Tensor]):
-    return type(batch)(batch.student_inputs, batch.teacher_inputs, batch.target, cache)
+    return type(batch)(batch.student_inputs, batch.teacher_inputs, batch.target, cache, batch.index)
 
 
 def teacher_cache(prepared, batch) -> dict[str, torch.Tensor]:
@@ -278,6 +292,7 @@ def teacher_cache(prepared, batch) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_cached_teacher_gives_the_same_terms(dense, batch, name):
+    skip_unless_supported(dense, name)
     cached = with_cache(batch, teacher_cache(dense, batch))
     for stage in build(dense, name).stages():
         plain, served = build(dense, name), build(dense, name)

@@ -18,6 +18,7 @@ from torch import nn
 
 from talkingmodels import taps
 from talkingmodels.data import Batch
+from talkingmodels.errors import UserError
 
 OutputKind = Literal["regression", "classification"]
 
@@ -56,13 +57,35 @@ def feature_dim(state: torch.Tensor) -> int:
     return state.shape[1] if state.dim() == 4 else state.shape[-1]
 
 
+def pooled(state: torch.Tensor) -> torch.Tensor:
+    """One vector per example, for methods that relate examples to each other: the mean over
+    the positions of an image state (batch, C, H, W) or over the tokens of a sequence state
+    (batch, tokens, dim; padding tokens included: a method does not know the mask)."""
+    if state.dim() == 4:
+        return state.mean(dim=(2, 3))
+    if state.dim() == 3:
+        return state.mean(dim=1)
+    return state.flatten(1)
+
+
+def supports(cls: type[Distiller], output: OutputKind) -> bool:
+    """Whether the method class ``cls`` applies to a task whose student predicts ``output``."""
+    return output in cls.outputs
+
+
 class Distiller(nn.Module):
     """Base class: plain supervised training of the student (the ``scratch`` method)."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # The output kinds the method has a meaning for (class-distribution methods need logits).
+    outputs: ClassVar[tuple[OutputKind, ...]] = ("regression", "classification")
 
     def __init__(self, pair: ModelPair, config: MethodConfig, example: Batch):
+        if not supports(type(self), pair.output):
+            name = getattr(self, "name", type(self).__name__)
+            raise UserError(f"method {name!r} does not apply to a task with {pair.output} outputs "
+                            f"(it needs {' or '.join(self.outputs)} outputs)")
         super().__init__()
         self.pair = pair
         self.config = config
@@ -123,6 +146,14 @@ class Distiller(nn.Module):
             with taps.capture(self.teacher, layers) as states:
                 output = taps.prediction(self.teacher(*batch.teacher_inputs))
         return {**states, "output": output}
+
+    def pooled_states(self, batch: Batch):
+        """For relational methods: the student's prediction, both models' states at ``h``
+        pooled to one vector per example (student, teacher), and the teacher's outputs."""
+        s_name, t_name = self.pair.student_layers[1], self.pair.teacher_layers[1]
+        prediction, states = self.student_states(batch, (s_name,))
+        teacher = self.teacher_states(batch, (t_name,))
+        return prediction, pooled(states[s_name]), pooled(teacher[t_name]), teacher
 
     @staticmethod
     def state_dims(model: nn.Module, layers: tuple[str, str], inputs: tuple) -> dict[str, int]:

@@ -38,9 +38,12 @@ class FeatureMatching:
         s_name, t_name = self.layer_names()
         prediction, states = self.student_states(batch, (s_name,))
         teacher = self.teacher_states(batch, (t_name,))
-        target = teacher[t_name]
-        mapped = to_grid(self.regressor(states[s_name], self.config.layer), target)
-        return prediction, self.config.feature_weight * losses.mse(mapped, target), teacher
+        return prediction, self.feature_term(states[s_name], teacher[t_name]), teacher
+
+    def feature_term(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The weighted MSE between the regressed student state and the teacher's state."""
+        mapped = to_grid(self.regressor(student, self.config.layer), teacher)
+        return self.config.feature_weight * losses.mse(mapped, teacher)
 
 
 @register("feature-kd")

@@ -21,20 +21,20 @@ from pydantic import Field
 from talkingmodels import losses, taps
 from talkingmodels.channel import ChannelKind, Speaker, to_grid
 from talkingmodels.data import Batch
+from talkingmodels.methods.base import MethodConfig
 from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig, output_kd
 from talkingmodels.methods.registry import register
 
 Detachable = Literal["question", "answer", "student_state"]
 
 
-class TDConfig(LogitKDConfig):
-    rounds: int = Field(1, ge=0, description="rounds of interaction; 0 = no interaction")
+class ChannelConfig(MethodConfig):
+    """TD's channel and consistency terms (shared with the ``kd-modules`` control)."""
+
     message_dim: int = Field(16, ge=1, description="m: width of the message space")
     channel: ChannelKind = "linear"
     channel_hidden: int = Field(64, ge=1, description="hidden width of dense-relu-dense")
     distance: Literal["mse", "cosine"] = "mse"
-    # `weight` (inherited) is w0, the logit-KD term; 0 gives pure communication.
-    w1: float = Field(1.0, ge=0, description="weight of L_interact")
     w2: float = Field(1.0, ge=0, description="weight of L_MC (message consistency)")
     w3: float = Field(1.0, ge=0, description="weight of L_SC (state consistency)")
     message_consistency: bool = True
@@ -43,6 +43,12 @@ class TDConfig(LogitKDConfig):
         description="(ours) layer pairs whose messages L_MC aligns; 'l' grounds the question "
         "in the teacher's own view of the input")
     state_consistency: bool = True
+
+
+class TDConfig(LogitKDConfig, ChannelConfig):
+    rounds: int = Field(1, ge=0, description="rounds of interaction; 0 = no interaction")
+    # `weight` (inherited) is w0, the logit-KD term; 0 gives pure communication.
+    w1: float = Field(1.0, ge=0, description="weight of L_interact")
     stop_gradient: list[Detachable] = Field(
         default_factory=list,
         description="question: the student's lower layers do not learn through its question; "
@@ -61,14 +67,11 @@ class TDConfig(LogitKDConfig):
         "the student must ask questions from which the teacher can answer the task")
 
 
-@register("td")
-class TalkingDistillation(LogitKD):
-    """Talking-model Distillation: the student asks, the frozen teacher interprets and answers."""
+class Consistency:
+    """Mixin: the channel (one Speaker per model) and its consistency terms L_MC and L_SC."""
 
-    Config = TDConfig
-
-    def __init__(self, pair, config: TDConfig, example: Batch):
-        super().__init__(pair, config, example)
+    def build_channel(self, example: Batch) -> None:
+        pair, config = self.pair, self.config
         s_dims = self.state_dims(pair.student, pair.student_layers, example.student_inputs)
         t_dims = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)
         args = (config.message_dim, config.channel, config.channel_hidden)
@@ -76,6 +79,35 @@ class TalkingDistillation(LogitKD):
         self.student_side = Speaker(s_dims, {"h": s_dims["h"]}, *args)
         self.teacher_side = Speaker(t_dims, {"l": t_dims["l"]}, *args)
         self.distance = losses.DISTANCES[config.distance]
+
+    def consistency_terms(self, s_l: torch.Tensor, s_h: torch.Tensor, t_l: torch.Tensor,
+                          t_h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted L_MC ("mc") and L_SC ("sc") terms that are switched on."""
+        cfg, terms = self.config, {}
+        E_S, D_S = self.student_side.encoder, self.student_side.decoder
+        E_T, D_T = self.teacher_side.encoder, self.teacher_side.decoder
+        if cfg.message_consistency and cfg.w2 > 0:
+            pairs = {"l": (s_l, t_l), "h": (s_h, t_h)}
+            terms["mc"] = cfg.w2 * sum(
+                # (the teacher's message laid out on the student's grid)
+                self.distance(E_S(pairs[role][0], role),
+                              to_grid(E_T(pairs[role][1], role), pairs[role][0]))
+                for role in cfg.mc_layers) / len(cfg.mc_layers)
+        if cfg.state_consistency and cfg.w3 > 0:
+            terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l)
+                                    + self.distance(D_S(E_S(s_h, "h"), "h"), s_h))
+        return terms
+
+
+@register("td")
+class TalkingDistillation(Consistency, LogitKD):
+    """Talking-model Distillation: the student asks, the frozen teacher interprets and answers."""
+
+    Config = TDConfig
+
+    def __init__(self, pair, config: TDConfig, example: Batch):
+        super().__init__(pair, config, example)
+        self.build_channel(example)
 
     def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
@@ -93,7 +125,7 @@ class TalkingDistillation(LogitKD):
         s_l, s_h = states[s_low], states[s_high]
         teacher = self.teacher_states(batch, (t_low, t_high))
         E_S, D_S = self.student_side.encoder, self.student_side.decoder
-        E_T, D_T = self.teacher_side.encoder, self.teacher_side.decoder
+        E_T = self.teacher_side.encoder
 
         terms = {"task": self.pair.task_loss(prediction, batch.target)}
         if cfg.weight > 0:
@@ -128,15 +160,5 @@ class TalkingDistillation(LogitKD):
                 terms["answer_task"] = cfg.answer_task * self.pair.task_loss(
                     answer_prediction, batch.target)
 
-        if cfg.message_consistency and cfg.w2 > 0:
-            pairs = {"l": (s_l, teacher[t_low]), "h": (s_h, teacher[t_high])}
-            terms["mc"] = cfg.w2 * sum(
-                # (the teacher's message laid out on the student's grid)
-                self.distance(E_S(pairs[role][0], role),
-                              to_grid(E_T(pairs[role][1], role), pairs[role][0]))
-                for role in cfg.mc_layers) / len(cfg.mc_layers)
-        if cfg.state_consistency and cfg.w3 > 0:
-            t_l = teacher[t_low]
-            terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l)
-                                    + self.distance(D_S(E_S(s_h, "h"), "h"), s_h))
+        terms.update(self.consistency_terms(s_l, s_h, teacher[t_low], teacher[t_high]))
         return prediction, terms

@@ -260,3 +260,35 @@ def _colormap():
     import matplotlib
 
     return matplotlib.colormaps["viridis"].with_extremes(bad="white")  # NaN cells: blank
+
+
+# ------------------------------------------------------------------------------ per run
+@torch.no_grad()
+def pooled_states(model, layer: str, split, side: str = "student", batch_size: int = 1024) -> torch.Tensor:
+    """``model``'s state at ``layer`` for every example of ``split`` (a :class:`Split`, in
+    order, eval mode), pooled to (n, d) float64 (:func:`pooled`). ``side`` picks the
+    batch's inputs (``"student"`` or ``"teacher"``). Sequence splits (``split.lengths``)
+    pool over each example's real tokens only."""
+    from talkingmodels import taps
+
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for batch in split.batches(batch_size):
+            inputs = batch.student_inputs if side == "student" else batch.teacher_inputs
+            with taps.capture(model, [layer]) as states:
+                model(*inputs)
+            state, mask = states[layer], None
+            if split.lengths is not None and state.dim() == 3:
+                mask = torch.arange(state.shape[1]) < split.lengths[batch.index][:, None]
+            parts.append(pooled(state, mask))
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+def class_accuracy(prediction: torch.Tensor, target: torch.Tensor) -> dict[int, float]:
+    """Accuracy of class logits on the examples of each true class."""
+    hits = prediction.argmax(dim=1) == target
+    return {int(c): float(hits[target == c].float().mean()) for c in target.unique().tolist()}

@@ -33,27 +33,37 @@ def cmd_run(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    from talkingmodels import suites
     from talkingmodels.experiments import ExperimentConfig, resolve, run_experiment, validate
-    from talkingmodels.tasks import get_task
+    from talkingmodels.tasks import TASKS, get_task
 
-    task = get_task(args.task)
-    methods = None
-    if args.methods:
-        methods = [{"name": name, "label": name, **task.default_methods.get(name, {})}
-                   for name in _csv(args.methods)]
+    names = sorted(TASKS) if args.task == "all" else [args.task]
+    if args.task == "all" and args.settings:
+        raise UserError("--settings names one task's settings; it cannot be used with bench all")
+    tasks = [get_task(name) for name in names]
     options = {}
     if args.data_dir:
         options["data_dir"] = args.data_dir
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
     train = {"epochs": args.epochs} if args.epochs is not None else {}
-    config = validate(ExperimentConfig, {
-        "task": args.task, "settings": _csv(args.settings) if args.settings else None,
-        "methods": methods, "seeds": args.seeds, "task_options": options, "train": train,
-    }, "bench")
+    experiments = []
+    for task in tasks:  # every task validated and resolved before the first run
+        config = suites.experiment_config(task, args.suite, args.seeds)
+        if args.methods:
+            config["methods"] = [{"name": name, "label": name, **task.default_methods.get(name, {})}
+                                 for name in _csv(args.methods)]
+        if args.settings:
+            config["settings"] = _csv(args.settings)
+        config.update(task_options=options, train=train)
+        experiments.append(resolve(validate(ExperimentConfig, config, "bench")))
     start = time.perf_counter()
-    exp = resolve(config)
-    _finish(run_experiment(exp, Path(args.out or f"runs/{args.task}"), **_store_options(args)), start)
+    out = Path(args.out or f"runs/{args.task}" + ("" if args.suite == "core" else f"-{args.suite}"))
+    store = _store_options(args)
+    for index, exp in enumerate(experiments):
+        # One store for all tasks: --force clears it once, before the first task.
+        report = run_experiment(exp, out, **{**store, "force": store["force"] and index == 0})
+    _finish(report, start)
 
 
 def _store_options(args) -> dict:
@@ -64,13 +74,21 @@ def _finish(report: Path, start: float) -> None:
     from talkingmodels import distributed
 
     if distributed.is_main():
-        print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s")
+        import resource  # peak resident memory of this process (Linux reports KiB)
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s, "
+              f"peak memory {peak:.2f} GiB")
 
 
 def cmd_report(args) -> None:
     from talkingmodels.report import write_report
 
     print(f"wrote {write_report(Path(args.dir))}")
+    if args.readme:
+        from talkingmodels.report import update_readme
+
+        print(f"updated {update_readme(args.readme, args.dir)}")
 
 
 def cmd_methods(_args) -> None:
@@ -107,8 +125,11 @@ def build_parser() -> Parser:
     _add_store_arguments(run)
     run.set_defaults(func=cmd_run)
 
-    bench = sub.add_parser("bench", help="run a task's benchmark grid")
-    bench.add_argument("task")
+    bench = sub.add_parser("bench", help="run a task's benchmark grid (or every task's: all)")
+    bench.add_argument("task", help="a task name, or all (every task into one store and report)")
+    bench.add_argument("--suite", default="core", choices=("core", "full", "ablations"),
+                       help="core: the paper's baselines and TD; full: plus the modern baselines "
+                       "and the kd-modules control; ablations: TD's ablations")
     bench.add_argument("--settings", help="comma-separated settings (default: the task's)")
     bench.add_argument("--methods", help="comma-separated methods (default: all of the task's)")
     bench.add_argument("--seeds", type=int, default=5)
@@ -121,6 +142,8 @@ def build_parser() -> Parser:
 
     report = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
     report.add_argument("dir", type=Path)
+    report.add_argument("--readme", type=Path, help="also regenerate DIR's results block in this "
+                        "Markdown file (between its marker lines)")
     report.set_defaults(func=cmd_report)
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(func=cmd_methods)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
+import math
 import os
 import re
 import sys
@@ -30,23 +32,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
-from talkingmodels import distributed
+from talkingmodels import analysis, distributed
 from talkingmodels.engine import (
     NumericalFault,
     TrainConfig,
     fit,
     load_checkpoint,
     precompute_teacher,
+    predict,
     seed_everything,
 )
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save, atomic_write_text
-from talkingmodels.methods import ModelPair, get_method
+from talkingmodels.methods import ModelPair, get_method, supports
 from talkingmodels.tasks import Prepared, Task, get_task
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
                   "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
-                  "status"]
+                  "status", "cka", "cka_classes", "class_metric"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
 
 
@@ -259,7 +262,8 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
             prepared[setting] = prep = task.prepare(setting)
             precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers)
             for _, cls, options in exp.methods:
-                build_method(prep, cls, options, seed=0)
+                if supports(cls, prep.output):  # (the others get an n/a row, not a run)
+                    build_method(prep, cls, options, seed=0)
     if force and distributed.is_main():  # only now: a config mistake must not cost old results
         for path in (results, out / "curves.csv", *out.glob("curves/*.csv"),
                      *out.glob("students/*.pt"), *out.glob("checkpoints/*.pt")):
@@ -269,9 +273,11 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
         _upgrade(results)
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
+    teacher_test: dict[str, object] = {}  # per setting: the teacher's pooled test states at h
     try:
         for setting, label, cls, options, seed in grid:
-            _run_one(exp, prepared[setting], label, cls, options, seed, out, bar, tensorboard)
+            _run_one(exp, prepared[setting], label, cls, options, seed, out, bar, tensorboard,
+                     teacher_test)
     finally:
         bar.close()
     distributed.barrier()
@@ -315,12 +321,40 @@ class _TensorBoard:
             self.writer.close()
 
 
+def representation(prep: Prepared, student, teacher_test: dict, batch_size: int) -> dict:
+    """What the report says about a trained student besides its metric: linear CKA between
+    its state at ``h`` and the teacher's on the test split (pooled per example), and for
+    classification the same per class and the per-class test accuracy, as JSON cells."""
+    test = prep.splits.test
+    if prep.setting not in teacher_test:
+        teacher_test[prep.setting] = analysis.pooled_states(
+            prep.teacher, prep.teacher_layers[1], test, "teacher", batch_size)
+    mine = analysis.pooled_states(student, prep.student_layers[1], test, "student", batch_size)
+    row = {"cka": f"{analysis.linear_cka(mine, teacher_test[prep.setting]):.6f}"}
+    if prep.output == "classification":
+        cell = {c: None if math.isnan(v) else round(v, 6)
+                for c, v in analysis.per_class_cka(mine, teacher_test[prep.setting], test.target).items()}
+        row["cka_classes"] = json.dumps(cell)
+        accuracy = analysis.class_accuracy(predict(student, test, batch_size), test.target)
+        row["class_metric"] = json.dumps({c: round(v, 6) for c, v in accuracy.items()})
+    return row
+
+
 def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, seed: int,
-             out: Path, bar, tensorboard: Path | None) -> None:
+             out: Path, bar, tensorboard: Path | None, teacher_test: dict) -> None:
     """Train one (setting, method, seed) and append its rows to the runs store."""
     task, train = exp.task, exp.train[prep.setting]
     where = f"{prep.setting} {label} seed {seed}"
     bar.set_postfix_str(where, refresh=False)
+    key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
+    if not supports(cls, prep.output):  # e.g. a class-distribution method on ratings
+        bar.update()
+        if distributed.is_main():
+            _append(out / "results.csv", RESULT_COLUMNS, [{
+                **key, "metric": task.metric.name, "value": "nan", "val_value": "nan",
+                "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
+                "status": f"n/a: needs {' or '.join(cls.outputs)} outputs"}])
+        return
     method = build_method(prep, cls, options, seed)
     run_id = _run_id(prep.setting, label, seed)
     board = _TensorBoard(tensorboard / run_id if tensorboard and distributed.is_main() else None)
@@ -331,7 +365,6 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
     checkpoint = out / "checkpoints" / f"{run_id}.pt"
-    key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
     try:
         result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
                      on_step=board.step if board.folder else None,
@@ -363,5 +396,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         "best_epoch": result.best_epoch, "epochs": result.epochs,
         "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
         "method_name": cls.name, "status": "ok",
+        # (in batches small enough for a large teacher's activations)
+        **representation(prep, method.student, teacher_test, min(train.eval_batch_size, 512)),
     }])
     checkpoint.unlink(missing_ok=True)  # the run is in the store now

@@ -42,17 +42,6 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == target).float().mean()
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Linear CKA (Kornblith et al. 2019) between representations ``x`` (n, p) and ``y`` (n, q):
-    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc, Yc``."""
-    x = x.flatten(1).double()
-    y = y.flatten(1).double()
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
-    cross = (y.T @ x).pow(2).sum()
-    return (cross / ((x.T @ x).norm() * (y.T @ y).norm())).float()
-
-
 # ------------------------------------------------------------------ modern KD baselines
 def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
         temperature: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:

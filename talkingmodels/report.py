@@ -26,6 +26,13 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         higher = get_task(task).metric.higher_is_better
         reference = group[group.method == REFERENCE].set_index("seed")["value"].dropna()
         for method, runs in group.groupby("method", sort=False):
+            na = runs.get("status", pd.Series("ok", index=runs.index)).astype(str).str.startswith("n/a")
+            if na.all():  # the method has no meaning for this task (e.g. class logits on ratings)
+                rows.append({"task": task, "setting": setting, "method": method, "na": True,
+                             "metric": runs.metric.iloc[0], "n": 0, "failed": 0,
+                             "teacher": runs.teacher_value.iloc[0], "extra_params": 0})
+                continue
+            runs = runs[~na]
             failed = runs[runs.value.isna()]  # kept in the store, shown, not averaged
             values = runs.set_index("seed")["value"].dropna()
             row = {"task": task, "setting": setting, "method": method,
@@ -34,7 +41,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                    "val_mean": runs.val_value.mean(),
                    "teacher": runs.teacher_value.iloc[0], "extra_params": runs.extra_params.iloc[0],
                    "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean(),
-                   "failed": len(failed)}
+                   "failed": len(failed), "na": False,
+                   "cka": runs.cka.mean() if "cka" in runs else float("nan")}
             if len(reference):
                 row["gain_pct"] = relative_gain(values.mean(), reference.mean(), higher)
                 paired = values.index.intersection(reference.index)
@@ -48,15 +56,19 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(summary: pd.DataFrame) -> str:
     metric = summary.metric.iloc[0]
     lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
-             f"val {metric} | best epoch | s/run | extra params |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"val {metric} | best epoch | s/run | extra params | CKA at h |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
+        if r.get("na") is True:
+            lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 8)
+            continue
+        cka = f"{r['cka']:.3f}" if pd.notna(r.get("cka")) else "-"
         gain = f"{r['gain_pct']:+.2f}%" if "gain_pct" in r and pd.notna(r.get("gain_pct")) else "n/a"
         wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
         n = f"{r['n']} ({r['failed']} failed)" if r["failed"] else f"{r['n']}"
         lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
                      f"{n} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | "
-                     f"{int(r['extra_params'])} |")
+                     f"{int(r['extra_params'])} | {cka} |")
     return "\n".join(lines)
 
 
@@ -70,7 +82,7 @@ def overview_table(summary: pd.DataFrame) -> str:
         cells = []
         for setting in settings:
             row = summary[(summary.method == method) & (summary.setting == setting)]
-            if row.empty:
+            if row.empty or row.iloc[0].get("na") is True:
                 cells += ["n/a"] * 3
                 continue
             r = row.iloc[0]
@@ -80,22 +92,152 @@ def overview_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _values(results: pd.DataFrame) -> pd.DataFrame:
+    """Test metric by seed (rows) and method (columns); failed and n/a runs left out."""
+    return results.pivot_table(index="seed", columns="method", values="value")
+
+
 def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
     """``focus`` against every other method of one setting, paired by seed (same split,
-    same student initialisation): mean difference and the seeds on which ``focus`` wins."""
+    same student initialisation): mean difference with its 95% interval, the paired t-test
+    and the exact Wilcoxon signed-rank p-values, and the seeds on which ``focus`` wins."""
+    from talkingmodels.analysis import paired_comparison
+
     higher = get_task(results.task.iloc[0]).metric.higher_is_better
-    table = results.pivot_table(index="seed", columns="method", values="value")
+    table = _values(results)
     if focus not in table:
         return ""
-    lines = [f"| {focus} against | mean difference ({focus} better if > 0) | {focus} better on |",
-             "|---|---|---|"]
+    lines = [f"| {focus} against | mean difference ({focus} better if > 0) | 95% interval | "
+             f"p (paired t) | p (Wilcoxon) | {focus} better on | at 5% |",
+             "|---|---|---|---|---|---|---|"]
     for other in table.columns:
         if other == focus:
             continue
-        pair = table[[focus, other]].dropna()
-        diff = (pair[focus] - pair[other]) * (1 if higher else -1)
-        lines.append(f"| {other} | {diff.mean():+.4f} | {int((diff > 0).sum())}/{len(diff)} |")
+        c = paired_comparison(table[focus], table[other], higher)
+        verdict = "significant" if c["significant"] else "not significant"
+        lines.append(f"| {other} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | "
+                     f"{c['p_ttest']:.3f} | {c['p_wilcoxon']:.3f} | {c['wins']}/{c['n']} | {verdict} |")
     return "\n".join(lines)
+
+
+def best_other(summary: pd.DataFrame, focus: str = "td") -> str | None:
+    """The method other than ``focus`` (and scratch) with the best mean test metric."""
+    higher = get_task(summary.task.iloc[0]).metric.higher_is_better
+    others = summary[(summary.method != focus) & (summary.method != REFERENCE) & ~summary.na.astype(bool)]
+    others = others.dropna(subset=["mean"])
+    if others.empty:
+        return None
+    return others.loc[others["mean"].idxmax() if higher else others["mean"].idxmin(), "method"]
+
+
+def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
+    """One plain sentence: ``focus`` against the best other method of the setting."""
+    from talkingmodels.analysis import paired_comparison
+
+    other = best_other(summary, focus)
+    table = _values(results)
+    if other is None or focus not in table or other not in table:
+        return ""
+    c = paired_comparison(table[focus], table[other], get_task(summary.task.iloc[0]).metric.higher_is_better)
+    word = "better" if c["mean_diff"] > 0 else "worse"
+    claim = ("the difference is significant at 5%" if c["significant"] else
+             "the difference is **not** significant at 5%")
+    return (f"{focus} against the best other method ({other}): {word} by {abs(c['mean_diff']):.4f} "
+            f"on average, better on {c['wins']} of {c['n']} seeds, paired t-test p = {c['p_ttest']:.3f}: "
+            f"{claim}.")
+
+
+def gains_table(summary: pd.DataFrame) -> str:
+    """The paper's Table 1, extended: every method's relative improvement over scratch in
+    every (task, setting) of the store, and its average across them."""
+    keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
+    lines = ["| method | " + " | ".join(f"{t} / {s}" for t, s in keys) + " | average |",
+             "|---" * (len(keys) + 2) + "|"]
+    for method in dict.fromkeys(summary.method):
+        cells, gains = [], []
+        for task, setting in keys:
+            row = summary[(summary.task == task) & (summary.setting == setting) & (summary.method == method)]
+            usable = not row.empty and row.iloc[0].get("na") is not True
+            gain = row.iloc[0].get("gain_pct") if usable else None
+            if gain is None or pd.isna(gain):
+                cells.append("n/a")
+            else:
+                cells.append(f"{gain:+.2f}%")
+                gains.append(gain)
+        average = f"{sum(gains) / len(gains):+.2f}% ({len(gains)})" if gains else "n/a"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
+    return "\n".join(lines)
+
+
+def cka_section(results: pd.DataFrame, summary: pd.DataFrame, task: str, out: Path) -> list[str]:
+    """Linear CKA between each method's student and the teacher at h (test split, mean
+    over seeds): a table and a heatmap of methods x settings; for classification, the same
+    per class, and whether TD gains most where logit KD does not help ("undistillable"
+    classes: those whose test accuracy logit-kd lowers against scratch)."""
+    from talkingmodels.analysis import cka_heatmap
+
+    group = summary[summary.task == task]
+    if "cka" not in group or group.cka.isna().all():
+        return []
+    table = group.pivot_table(index="method", columns="setting", values="cka", sort=False)
+    table = table.reindex(index=list(dict.fromkeys(group.method)),
+                          columns=list(dict.fromkeys(group.setting)))
+    cka_heatmap(table, out / f"cka_{task}.png", f"{task}: linear CKA with the teacher at h (test)")
+    lines = [f"### {task}: representation similarity", "",
+             "Linear CKA between the student's and the teacher's state at `h` on the test split "
+             "(each pooled to one vector per example), mean over seeds:", "",
+             "| method | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join("n/a" if pd.isna(v) else f"{v:.3f}" for v in row) + " |"
+              for m, row in table.iterrows()]
+    lines += ["", f"![CKA](cka_{task}.png)", ""]
+    runs = results[(results.task == task) & results.get("class_metric", pd.Series(dtype=str)).notna()]
+    for setting, per_setting in runs.groupby("setting", sort=False):
+        lines += undistillable(per_setting, setting, task, out)
+    return lines
+
+
+def _per_class(runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean over seeds of a per-class JSON column: methods x classes."""
+    import json
+
+    rows = [{"method": r.method, **{int(k): v for k, v in json.loads(r[column]).items()}}
+            for _, r in runs.iterrows() if isinstance(r[column], str)]
+    frame = pd.DataFrame(rows).groupby("method", sort=False).mean()
+    return frame[sorted(frame.columns)].astype(float)
+
+
+def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path) -> list[str]:
+    from talkingmodels.analysis import cka_heatmap
+
+    if "cka_classes" not in runs:
+        return []
+    cka = _per_class(runs, "cka_classes")
+    path = cka_heatmap(cka, out / f"cka_classes_{task}_{setting}.png",
+                       f"{task} / {setting}: per-class CKA with the teacher at h")
+    accuracy = _per_class(runs, "class_metric")
+    lines = [f"Per-class CKA, {setting} (mean over seeds): ![per-class CKA]({path.name})", ""]
+    if not {REFERENCE, "logit-kd"} <= set(accuracy.index):
+        return lines
+    gain = accuracy - accuracy.loc[REFERENCE]  # per-class accuracy gain over scratch
+    hard = gain.columns[gain.loc["logit-kd"] < 0]
+    easy = gain.columns[gain.loc["logit-kd"] >= 0]
+    lines += [f"Undistillable classes of {setting} (logit-kd's per-class test accuracy below "
+              f"scratch's): {', '.join(map(str, hard)) or 'none'}. Mean per-class accuracy gain "
+              "over scratch, in points:", "",
+              "| method | on undistillable classes | on the other classes | CKA, undistillable "
+              "| CKA, other |",
+              "|---|---|---|---|---|"]
+
+    def mean(frame, method, columns):
+        return f"{100 * frame.loc[method, columns].mean():+.2f}" if len(columns) else "n/a"
+
+    def plain(frame, method, columns):
+        return f"{frame.loc[method, columns].mean():.3f}" if len(columns) else "n/a"
+
+    for method in gain.index:
+        lines.append(f"| {method} | {mean(gain, method, hard)} | {mean(gain, method, easy)} | "
+                     f"{plain(cka, method, hard)} | {plain(cka, method, easy)} |")
+    return [*lines, ""]
 
 
 def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
@@ -148,16 +290,24 @@ def write_report(out: Path) -> Path:
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
              "test metric is better than scratch's on the same seed.", ""]
+    if len(summary.groupby(["task", "setting"])) > 1:
+        lines += ["## Relative improvement over scratch, every setting", "",
+                  "Mean test metric against scratch's, in percent (positive = better); the average "
+                  "is over the settings where the method applies (their count in brackets).", "",
+                  gains_table(summary), ""]
     for task, group in summary.groupby("task", sort=False):
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]
+        lines += cka_section(results, summary, task, Path(out))
     for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
         lines += [f"## {task} / {setting}", "",
                   f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
                   f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), ""]
-        paired = paired_table(results[(results.task == task) & (results.setting == setting)])
+        runs = results[(results.task == task) & (results.setting == setting)]
+        paired = paired_table(runs)
         if paired:
-            lines += ["Paired by seed:", "", paired, ""]
+            lines += ["Paired by seed (same split and student initialisation per seed):", "",
+                      paired, "", significance_line(runs, group), ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
     curve_files = sorted(Path(out).glob("curves/*.csv"))
     if (Path(out) / "curves.csv").is_file():  # the single-file layout of older stores
@@ -168,3 +318,45 @@ def write_report(out: Path) -> Path:
     report = Path(out) / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+# ------------------------------------------------------------------------------ README
+README_START = "<!-- results of {} (generated: talkingmodels report {} --readme README.md) -->"
+README_END = "<!-- end of results of {} -->"
+
+
+def readme_block(out: Path) -> str:
+    """The results of a runs store as the README shows them: the table of every method's
+    gain over scratch across settings, each task's settings side by side, and for each
+    setting TD's paired comparison with the best other method. Generated, so the README
+    never carries a number typed by hand."""
+    results = pd.read_csv(Path(out) / "results.csv")
+    summary = summarise(results)
+    lines = []
+    for task, group in summary.groupby("task", sort=False):
+        lines += [overview_table(group), ""]
+        for setting, per_setting in group.groupby("setting", sort=False):
+            line = significance_line(results[(results.task == task) & (results.setting == setting)],
+                                     per_setting)
+            if line:
+                lines += [f"- {setting}: {line}"]
+        lines += [""]
+    if len(summary.groupby(["task", "setting"])) > 1:
+        lines += ["Relative improvement over scratch (average over the settings):", "",
+                  gains_table(summary), ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def update_readme(readme: Path, out: Path, name: str | None = None) -> Path:
+    """Replace the block between the markers for ``out`` in ``readme`` by
+    :func:`readme_block`; the markers must already be there (the prose around them is the
+    author's)."""
+    name = name or Path(out).as_posix()
+    start, end = README_START.format(name, name), README_END.format(name)
+    text = Path(readme).read_text()
+    if start not in text or end not in text:
+        raise UserError(f"{readme} has no block for {name}; add the two lines\n{start}\n{end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n{readme_block(out)}\n{end}{tail}")
+    return Path(readme)

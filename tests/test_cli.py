@@ -128,8 +128,8 @@ def check_store(out: Path, methods: list[str]) -> list[dict]:
         assert 0.3 < float(row["value"]) < 2.0
     report = (out / "report.md").read_text()
     assert "## movielens / dense" in report and all(f"| {m} |" in report for m in methods)
-    (png,) = out.glob("*.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("curves_movielens_dense.png", "cka_movielens.png"):  # curves, CKA heatmap
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return rows
 
 

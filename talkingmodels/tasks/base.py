@@ -60,6 +60,8 @@ class Task:
     # The bench grid: label -> method options (the paper's baselines and TD by default).
     default_methods: ClassVar[dict[str, dict]] = {
         "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {}}
+    # Where the ablation suite runs (suites.py): the cheaper settings of a costly task.
+    ablation_settings: ClassVar[tuple[str, ...] | None] = None  # None: default_settings
 
     def __init__(self, config: TaskConfig):
         self.config = config

@@ -270,6 +270,7 @@ class Sentiment(ClassificationTask):
     # movies are 1,056 steps; the 1k settings need 8 epochs of 32 steps at a high rate to
     # move the student off the majority class).
     default_settings = ("tweets", "movies")
+    ablation_settings = ("tweets-1k",)
     default_train = {"epochs": 8, "batch_size": 32, "lr": 3e-3, "patience": 3}
     setting_train = {domain: {"epochs": 4, "patience": 2} for domain in DOMAINS}
     default_methods = {**ClassificationTask.default_methods, "fitnet": {"hint_epochs": 2}}

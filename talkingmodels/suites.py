@@ -1,0 +1,70 @@
+"""Named method grids for ``talkingmodels bench TASK --suite NAME``.
+
+* ``core``: the paper's baselines and TD (each task's ``default_methods``);
+* ``full``: ``core`` plus the modern baselines and the parameter-matched control;
+* ``ablations``: TD's ablations around its defaults, with scratch and the default TD as
+  references, on each task's ``ablation_settings``.
+
+Every suite is also an ordinary experiment config: ``experiment_config(task, suite)``
+builds it, and ``configs/ablations-TASK.yaml`` hold the ablations (a test checks that
+they agree), so ``talkingmodels run`` runs the same grids.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+from talkingmodels.errors import UserError
+
+MODERN = ("dkd", "dist", "rkd", "pkt", "crd", "kd-modules")
+
+
+def _weights() -> dict[str, dict]:
+    """A coarse grid of the interaction and consistency weights: each of w1..w3 at 0.3 or 3
+    (2^3 corners around TD's default w1 = w2 = w3 = 1)."""
+    grid = {}
+    for w1, w2, w3 in product((0.3, 3.0), repeat=3):
+        grid[f"td-w{w1:g}-{w2:g}-{w3:g}"] = {"name": "td", "w1": w1, "w2": w2, "w3": w3}
+    return grid
+
+
+# label -> method entry; TD's defaults: 1 round, linear channel, m = 16, w0..w3 = 1
+ABLATIONS: dict[str, dict] = {
+    "scratch": {"name": "scratch"},
+    "td": {"name": "td"},
+    **{f"td-rounds-{r}": {"name": "td", "rounds": r} for r in (0, 2, 3)},
+    "td-no-mc": {"name": "td", "message_consistency": False},
+    "td-no-sc": {"name": "td", "state_consistency": False},
+    "td-no-kd": {"name": "td", "weight": 0.0},  # w0 = 0: pure communication
+    "td-dense": {"name": "td", "channel": "dense-relu-dense"},
+    **{f"td-m{m}": {"name": "td", "message_dim": m} for m in (8, 32, 64)},
+    **_weights(),
+}
+
+SUITES = ("core", "full", "ablations")
+
+
+def methods(task, suite: str) -> list[dict]:
+    """The method entries (name, label, options) of ``suite`` on ``task`` (a Task class);
+    a task's own options for a method (``default_methods``) apply in every suite."""
+    if suite == "core":
+        labels = {label: {"name": label.split(":")[0]} for label in task.default_methods}
+    elif suite == "full":
+        labels = {label: {"name": label.split(":")[0]} for label in (*task.default_methods, *MODERN)}
+    elif suite == "ablations":
+        labels = ABLATIONS
+    else:
+        raise UserError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    return [{**entry, **task.default_methods.get(entry["name"], {}), **entry, "label": label}
+            for label, entry in labels.items()]
+
+
+def settings(task, suite: str) -> list[str]:
+    chosen = task.ablation_settings if suite == "ablations" else None
+    return list(chosen or task.default_settings)
+
+
+def experiment_config(task, suite: str, seeds: int = 5) -> dict:
+    """The suite on ``task`` as the data of an experiment config (``talkingmodels run``)."""
+    return {"task": task.name, "settings": settings(task, suite), "seeds": seeds,
+            "methods": methods(task, suite)}

@@ -1,0 +1,108 @@
+"""Method suites (core, full, ablations), their configs in configs/, methods that do not
+apply to a task (n/a in the store and the report), and the per-run CKA numbers."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from talkingmodels import cli, suites
+from talkingmodels.experiments import ExperimentConfig, resolve, validate
+from talkingmodels.methods import METHODS
+from talkingmodels.tasks import TASKS, get_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_ablation_configs_equal_the_suite(name):
+    """configs/ablations-TASK.yaml runs exactly the grid of bench TASK --suite ablations."""
+    task = get_task(name)
+    config = yaml.safe_load((REPO / "configs" / f"ablations-{name}.yaml").read_text())
+    suite = suites.experiment_config(task, "ablations")
+    assert config["settings"] == suite["settings"]
+    assert config["methods"] == suite["methods"]
+    resolve(validate(ExperimentConfig, {**config, "task_options": {}}, "config"))  # all valid
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("suite", suites.SUITES)
+def test_every_suite_resolves(name, suite):
+    task = get_task(name)
+    exp = resolve(validate(ExperimentConfig, suites.experiment_config(task, suite), "bench"))
+    labels = [label for label, _, _ in exp.methods]
+    assert len(labels) == len(set(labels))
+    if suite == "full":
+        assert set(labels) == set(task.default_methods) | set(suites.MODERN)
+        assert set(labels) <= set(METHODS)
+    if suite == "ablations":
+        assert {"scratch", "td", "td-rounds-0", "td-no-mc", "td-no-sc", "td-dense", "td-m64"} <= set(labels)
+
+
+def test_ablations_change_only_what_their_label_says():
+    base = METHODS["td"].Config()
+    for label, entry in suites.ABLATIONS.items():
+        if entry["name"] != "td" or label == "td":
+            continue
+        options = {k: v for k, v in entry.items() if k != "name"}
+        changed = METHODS["td"].Config(**options)
+        assert changed != base, label
+        differing = [k for k in type(base).model_fields if getattr(changed, k) != getattr(base, k)]
+        assert sorted(differing) == sorted(options), label
+
+
+def test_unknown_suite_and_settings_with_all(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse names the choices
+        cli.main(["bench", "movielens", "--suite", "nope"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert cli.main(["bench", "all", "--settings", "dense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --settings") and len(err.splitlines()) == 1
+
+
+def test_classification_only_methods_are_na_on_ratings(task_options, tmp_path, capsys):
+    """dkd has no meaning on rating regression: the store holds an n/a row, the report says
+    n/a, and the other methods' rows carry their CKA with the teacher."""
+    config = {"task": "movielens", "settings": ["dense"], "seeds": 2,
+              "methods": [{"name": "scratch"}, {"name": "dkd"}, {"name": "td"}],
+              "train": {"epochs": 2, "batch_size": 64, "lr": 0.01},
+              "task_options": copy.deepcopy(task_options)}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        rows = {(r["method"], r["seed"]): r for r in csv.DictReader(handle)}
+    assert rows[("dkd", "0")]["status"].startswith("n/a: needs classification")
+    assert rows[("dkd", "0")]["value"] == "nan"
+    for method in ("scratch", "td"):
+        assert 0.0 <= float(rows[(method, "1")]["cka"]) <= 1.0
+        assert rows[(method, "1")]["cka_classes"] == ""  # regression: no classes
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| dkd | n/a (no meaning for this task) |" in report
+    assert (tmp_path / "out" / "cka_movielens.png").stat().st_size > 0
+    # a rerun does not try the n/a runs again
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+
+
+def test_per_class_numbers_are_json(tmp_path):
+    """Classification runs store per-class CKA and accuracy as JSON objects keyed by class."""
+    import pandas as pd
+
+    from talkingmodels.report import _per_class
+
+    runs = pd.DataFrame([
+        {"method": "scratch", "class_metric": json.dumps({"0": 0.5, "1": 1.0})},
+        {"method": "scratch", "class_metric": json.dumps({"0": 0.7, "1": 0.8})},
+        {"method": "td", "class_metric": json.dumps({"0": 0.9, "1": 0.8})}])
+    table = _per_class(runs, "class_metric")
+    assert table.loc["scratch", 0] == pytest.approx(0.6)
+    assert table.loc["scratch", 1] == pytest.approx(0.9)
+    assert table.loc["td", 0] == pytest.approx(0.9)

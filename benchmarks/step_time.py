@@ -1,7 +1,7 @@
 """What a training step and an epoch cost, per task and method.
 
     python benchmarks/step_time.py [--tasks movielens,vision,text] [--methods td,logit-kd,...]
-        [--steps 40] [--warmup 5] [--epochs 2] [--threads 2] [--csv step_time.csv]
+        [--warmup 5] [--epochs 2] [--threads 2] [--csv step_time.csv]
         [--data-dir DIR]
 
 For each task (on its first bench setting, or ``--setting TASK=SETTING``) and method, in a
@@ -9,9 +9,10 @@ process of its own (so that its peak resident memory is its own): the task is pr
 bench prepares it (teacher states cached), the method built with its default options and
 the task's training defaults (batch size, learning rate), and then
 
-- ``warmup`` steps are run and discarded, ``steps`` steps are timed one by one (each: the
-  batch drawn from the training split, the method's forward, the summed loss's backward,
-  the optimiser step; the engine's own ``train_step``), and their median is reported;
+- ``warmup`` steps are run and discarded, then every step of ``epochs`` epochs is timed one
+  by one (each: the batch drawn from the training split, the method's forward, the summed
+  loss's backward, the optimiser step; the engine's own ``train_step``), and their median is
+  reported;
 - ``epochs`` whole passes over the training split (the engine's ``train_epoch``, the loop
   ``talkingmodels run`` uses, validation excluded) are timed, and their median reported.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -51,7 +53,7 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
 
     import torch
 
-    from talkingmodels.engine import TrainStep, make_optimizer, train_epoch, train_step
+    from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_epoch, train_step
     from talkingmodels.experiments import ExperimentConfig, build_method, resolve, validate
 
     torch.set_num_threads(args.threads)
@@ -61,6 +63,8 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
         "methods": [{"name": method}], "seeds": 1}, "step_time"))
     setting = exp.settings[0]
     prepared = exp.task.prepare(setting)
+    # as the bench does: the frozen teacher's states and outputs computed once
+    precompute_teacher(prepared.teacher, prepared.splits.train, prepared.teacher_layers)
     cfg = exp.train[setting]
     _, cls, method_options = exp.methods[0]
     distiller = build_method(prepared, cls, method_options, seed=0)
@@ -77,10 +81,12 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
     batches = endless()
     for batch in itertools.islice(batches, args.warmup):
         train_step(step, batch, optimizer)
+    # Every step of `epochs` whole epochs timed one by one: a median over whole epochs does
+    # not depend on which batches were drawn (text batches differ in length).
     times = []
-    for _ in range(args.steps):
+    for batch in itertools.islice(batches, args.epochs * math.ceil(len(train) / cfg.batch_size)):
         start = time.perf_counter()
-        train_step(step, next(batches), optimizer)  # the batch is drawn inside the timing
+        train_step(step, batch, optimizer)
         times.append(time.perf_counter() - start)
     epochs = []
     run = {"epoch": 0}
@@ -101,7 +107,6 @@ def main() -> None:
     parser.add_argument("--methods", default="scratch,logit-kd,feature-kd,fitnet,hybrid,td")
     parser.add_argument("--setting", action="append", default=[], metavar="TASK=SETTING",
                         help="the setting to time a task on (default: its first bench setting)")
-    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -118,7 +123,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             command = [sys.executable, __file__, "--worker", task, settings.get(task, ""), method,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--warmup", str(args.warmup),
                        "--epochs", str(args.epochs), "--threads", str(args.threads)]
             if args.data_dir:
                 command += ["--data-dir", args.data_dir]
@@ -132,8 +137,8 @@ def main() -> None:
         row["vs_logit_kd"] = row["step_ms"] / same["logit-kd"] if "logit-kd" in same else None
         row["vs_scratch"] = row["step_ms"] / same["scratch"] if "scratch" in same else None
     print(f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, torch "
-          f"{__import__('torch').__version__}; median of {args.steps} steps after {args.warmup} "
-          f"warm-up steps, median of {args.epochs} epochs")
+          f"{__import__('torch').__version__}; median of the steps of {args.epochs} epochs after "
+          f"{args.warmup} warm-up steps; median of {args.epochs} epochs")
     print("| task (setting) | method | batch | step (ms) | x logit-kd | x scratch | samples/s "
           "| epoch (s) | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -8,12 +8,14 @@ one process: the median of ``steps`` timed steps (after warm-up) of
 
 - ``logit-kd``: the student's forward and backward, the optimiser step, the KD term;
 - ``td``: the same plus TD's channel and its interpretation step;
+- ``td`` with ``rounds: 0``: TD without the interaction (only its consistency terms), so
+  ``td - td(rounds 0)`` is the cost of the interaction round (question, interpretation,
+  answer);
 - the interpretation step alone: the teacher's layers ``l+1..h`` (``taps.run_between``) run
   forward on a batch-shaped state and backward to that state, as TD's gradient needs it;
 - the teacher's forward over those layers without autograd (what no gradient would cost).
 
-``td - logit-kd - interpretation`` is then the channel (encoders, decoders, losses) and
-its share of the optimiser step. With ``--ops N`` the N aten operators with the most self
+With ``--ops N`` the N aten operators with the most self
 time in TD's step are printed too (torch.profiler).
 """
 
@@ -40,15 +42,18 @@ def median_ms(fn, steps: int, warmup: int = 5) -> float:
 
 def profile_task(name: str, args) -> dict:
     from talkingmodels import taps
-    from talkingmodels.engine import TrainStep, make_optimizer, train_step
+    from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_step
     from talkingmodels.experiments import ExperimentConfig, build_method, resolve, validate
 
     options = {"data_dir": args.data_dir} if args.data_dir and name == "movielens" else {}
     exp = resolve(validate(ExperimentConfig, {
         "task": name, "task_options": options, "seeds": 1,
-        "methods": [{"name": "logit-kd"}, {"name": "td"}]}, "td_profile"))
+        "methods": [{"name": "logit-kd"}, {"name": "td"},
+                    {"name": "td", "label": "td, rounds 0", "rounds": 0}]}, "td_profile"))
     setting = exp.settings[0]
     prepared = exp.task.prepare(setting)
+    # as the bench does: the frozen teacher's states and outputs computed once
+    precompute_teacher(prepared.teacher, prepared.splits.train, prepared.teacher_layers)
     cfg = exp.train[setting]
     order = torch.Generator().manual_seed(0)
     shuffled = prepared.splits.train.batches(cfg.batch_size, order)
@@ -67,19 +72,22 @@ def profile_task(name: str, args) -> dict:
                     train_step(step, next(batches), optimizer)
             row["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops)
     teacher, (low, high) = prepared.teacher, prepared.teacher_layers
-    batch = next(batches)
-    state = batch.teacher_cache[low].clone()
 
     def interpret(grad: bool):
-        heard = state.clone().requires_grad_(grad)
+        """The interpretation step alone on the next batch (the batches TD's steps saw)."""
+        batch = next(batches)
+        heard = batch.teacher_cache[low].clone()
+        if heard.dim() == 4:  # laid out as TD's decoder hands it over (a per-position map)
+            heard = heard.contiguous(memory_format=torch.channels_last)
+        heard.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             out = taps.run_between(teacher, low, high, heard, *batch.teacher_inputs)
-        if grad:
-            out.sum().backward()
+        if grad:  # a dense incoming gradient, as TD's answer encoder sends
+            out.backward(torch.randn_like(out))
 
     row["interpretation"] = median_ms(lambda: interpret(True), args.steps)
     row["interpretation (forward only)"] = median_ms(lambda: interpret(False), args.steps)
-    row["channel and rest"] = row["td"] - row["logit-kd"] - row["interpretation"]
+    row["interaction"] = row["td"] - row["td, rounds 0"]
     return row
 
 
@@ -94,14 +102,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [profile_task(name, args) for name in args.tasks.split(",")]
     print(f"median ms per step, {args.threads} threads, torch {torch.__version__}")
-    print("| task | batch | logit-kd step | td step | td / logit-kd | interpretation (fwd+bwd) "
-          "| interpretation (fwd, no grad) | channel and rest |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | batch | logit-kd step | td step | td / logit-kd | td without interaction "
+          "(rounds 0) | the interaction round | interpretation alone (fwd+bwd) | interpretation "
+          "(fwd, no grad) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['batch']} | {r['logit-kd']:.2f} | {r['td']:.2f} | "
-              f"{r['td'] / r['logit-kd']:.2f} | {r['interpretation']:.2f} "
-              f"({100 * r['interpretation'] / r['td']:.0f}% of td) | "
-              f"{r['interpretation (forward only)']:.2f} | {r['channel and rest']:.2f} |")
+              f"{r['td'] / r['logit-kd']:.2f} | {r['td, rounds 0']:.2f} | {r['interaction']:.2f} "
+              f"({100 * r['interaction'] / r['td']:.0f}% of td) | {r['interpretation']:.2f} | "
+              f"{r['interpretation (forward only)']:.2f} |")
     for r in rows:
         if "ops" in r:
             print(f"\n{r['task']}: td's operators with the most self time (10 steps)\n{r['ops']}")

@@ -53,13 +53,19 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _na(row) -> bool:
+    """Whether a summary row is a method with no meaning for its task (n/a)."""
+    value = row.get("na")
+    return bool(value) if value is not None and pd.notna(value) else False
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     metric = summary.metric.iloc[0]
     lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
              f"val {metric} | best epoch | s/run | extra params | CKA at h |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
-        if r.get("na") is True:
+        if _na(r):
             lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 8)
             continue
         cka = f"{r['cka']:.3f}" if pd.notna(r.get("cka")) else "-"
@@ -82,7 +88,7 @@ def overview_table(summary: pd.DataFrame) -> str:
         cells = []
         for setting in settings:
             row = summary[(summary.method == method) & (summary.setting == setting)]
-            if row.empty or row.iloc[0].get("na") is True:
+            if row.empty or _na(row.iloc[0]):
                 cells += ["n/a"] * 3
                 continue
             r = row.iloc[0]
@@ -157,7 +163,7 @@ def gains_table(summary: pd.DataFrame) -> str:
         cells, gains = [], []
         for task, setting in keys:
             row = summary[(summary.task == task) & (summary.setting == setting) & (summary.method == method)]
-            usable = not row.empty and row.iloc[0].get("na") is not True
+            usable = not row.empty and not _na(row.iloc[0])
             gain = row.iloc[0].get("gain_pct") if usable else None
             if gain is None or pd.isna(gain):
                 cells.append("n/a")

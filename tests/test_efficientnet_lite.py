@@ -79,6 +79,16 @@ def test_features_taps_and_determinism(model):
     with torch.no_grad():
         rerun = run_between(model, "_blocks.4", "_blocks.10", taps["_blocks.4"])
     assert torch.allclose(rerun, taps["_blocks.10"], atol=1e-5)
+    # The fast path (only blocks 5..10) and the generic one (the whole forward pass with the
+    # state spliced in at block 4, stopped after block 10) agree on any state, not only the
+    # model's own, and in the layout TD's decoder hands over (channels last).
+    state = (taps["_blocks.4"] + torch.randn_like(taps["_blocks.4"])).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = run_between(model, "_blocks.4", "_blocks.10", state)
+        generic = run_between(model, "_blocks.4", "_blocks.10", state, x, fast=False)
+    assert torch.allclose(fast, generic, atol=1e-5)
+    assert not torch.allclose(fast, taps["_blocks.10"], atol=1e-2)  # the state was used
 
 
 def test_stochastic_depth_only_when_asked():

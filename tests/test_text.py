@@ -207,3 +207,19 @@ def test_every_method_trains_on_token_states(prepared, name):
     result, teacher_unchanged = train_one_epoch(prepared, name, Sentiment.metric, batch_size=16)
     assert 0 <= result.test <= 1
     assert teacher_unchanged
+
+
+def test_the_student_ignores_the_padding_that_batches_drop():
+    """A batch without its padding columns gives the student the same predictions (its
+    attention masks padding, its pooling averages real tokens only)."""
+    from talkingmodels.tasks.text import SmallTransformer, StudentSpec
+
+    torch.manual_seed(0)
+    student = SmallTransformer(StudentSpec(), vocab=100, max_length=12).eval()
+    lengths = torch.tensor([3, 7, 5])
+    mask = (torch.arange(12) < lengths[:, None]).long()
+    ids = torch.randint(1, 100, (3, 12)) * mask
+    with torch.no_grad():
+        full = student(ids, mask)
+        trimmed = student(ids[:, :7], mask[:, :7])
+    assert torch.allclose(full, trimmed, atol=1e-5)

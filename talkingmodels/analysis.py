@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from talkingmodels.errors import UserError
+from talkingmodels.methods.base import pooled as mean_per_example
 
 __all__ = ["cka_heatmap", "linear_cka", "paired_comparison", "per_class_cka", "pooled"]
 
@@ -97,25 +98,18 @@ def pooled(state, mask=None) -> torch.Tensor:
     if mask is not None and tensor.dim() != 3:
         raise UserError(f"pooled: a mask only applies to (n, T, d) token sequences, "
                         f"got a state of shape {tuple(tensor.shape)}")
-    if tensor.dim() == 2:
-        return tensor
-    if tensor.dim() == 4:
-        return tensor.mean(dim=(2, 3))
-    if tensor.dim() != 3:
+    if tensor.dim() not in (2, 3, 4):
         raise UserError("pooled: expected (n, d), (n, C, H, W) or (n, T, d), "
                         f"got shape {tuple(tensor.shape)}")
-    if mask is None:
-        return tensor.mean(dim=1)
-    weights = torch.as_tensor(mask).detach().to("cpu") != 0
-    if tuple(weights.shape) != tuple(tensor.shape[:2]):
-        raise UserError(f"pooled: mask must be (n, T) = {tuple(tensor.shape[:2])}, "
-                        f"got {tuple(weights.shape)}")
-    weights = weights.to(torch.float64)
-    counts = weights.sum(dim=1, keepdim=True)
-    if bool((counts == 0).any()):
-        empty = torch.nonzero(counts[:, 0] == 0)[:, 0].tolist()
-        raise UserError(f"pooled: examples {empty[:10]} have no real token in the mask")
-    return (tensor * weights.unsqueeze(-1)).sum(dim=1) / counts
+    if mask is not None:
+        mask = torch.as_tensor(mask).detach().to("cpu") != 0
+        if tuple(mask.shape) != tuple(tensor.shape[:2]):
+            raise UserError(f"pooled: mask must be (n, T) = {tuple(tensor.shape[:2])}, "
+                            f"got {tuple(mask.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            empty = torch.nonzero(~mask.any(dim=1))[:, 0].tolist()
+            raise UserError(f"pooled: examples {empty[:10]} have no real token in the mask")
+    return mean_per_example(tensor, mask)
 
 
 def per_class_cka(x, y, labels, min_examples: int = 3) -> dict[int, float]:

@@ -68,19 +68,19 @@ class Split:
         return len(self.target)
 
     def batch(self, index: torch.Tensor | slice) -> Batch:
-        padded = self.student_inputs[0].shape[1] if self.lengths is not None else None
-        if padded is not None:
-            keep = int(self.lengths[index].max())
+        sequences = self.lengths is not None
+        padded = self.student_inputs[0].shape[1] if sequences else None
+        keep = int(self.lengths[index].max()) if sequences else None
 
-            def take(x):  # per-token tensors lose the padding columns past `keep`
-                return x[index, :keep] if x.dim() > 1 and x.shape[1] == padded else x[index]
-        else:
-            def take(x):
-                return x[index]
+        def take(x):  # per-token tensors lose the padding columns past `keep`
+            if sequences and x.dim() > 1 and x.shape[1] == padded:
+                return x[index, :keep]
+            return x[index]
+
         student = tuple(take(x) for x in self.student_inputs)
         teacher = student if self.teacher_inputs is None else tuple(take(x) for x in self.teacher_inputs)
         cache = LazyRows(self.teacher_cache, take)
-        rows = torch.arange(len(self))[index]
+        rows = index if isinstance(index, torch.Tensor) else torch.arange(len(self))[index]
         return Batch(student, teacher, self.target[index], cache, rows)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,

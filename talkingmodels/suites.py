@@ -55,7 +55,7 @@ def methods(task, suite: str) -> list[dict]:
         labels = ABLATIONS
     else:
         raise UserError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
-    return [{**entry, **task.default_methods.get(entry["name"], {}), **entry, "label": label}
+    return [{**task.default_methods.get(entry["name"], {}), **entry, "label": label}
             for label, entry in labels.items()]
 
 

@@ -57,14 +57,18 @@ def feature_dim(state: torch.Tensor) -> int:
     return state.shape[1] if state.dim() == 4 else state.shape[-1]
 
 
-def pooled(state: torch.Tensor) -> torch.Tensor:
-    """One vector per example, for methods that relate examples to each other: the mean over
-    the positions of an image state (batch, C, H, W) or over the tokens of a sequence state
-    (batch, tokens, dim; padding tokens included: a method does not know the mask)."""
+def pooled(state: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One vector per example: the mean over the positions of an image state (batch, C, H, W)
+    or over the tokens of a sequence state (batch, tokens, dim), only the real ones when a
+    ``mask`` (batch, tokens) is given (methods do not know the mask: padding counts there);
+    other states are flattened. Differentiable: the text models pool with it too."""
     if state.dim() == 4:
         return state.mean(dim=(2, 3))
     if state.dim() == 3:
-        return state.mean(dim=1)
+        if mask is None:
+            return state.mean(dim=1)
+        weights = mask.unsqueeze(-1).to(state.dtype)
+        return (state * weights).sum(1) / weights.sum(1).clamp(min=1)
     return state.flatten(1)
 
 

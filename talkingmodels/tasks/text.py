@@ -40,6 +40,7 @@ from torch import nn
 from talkingmodels import frozen, losses, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
+from talkingmodels.methods.base import pooled
 from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key, sized_setting
 from talkingmodels.tasks.registry import register
 
@@ -152,12 +153,6 @@ def load_encoder(directory: Path):
             hf_logging.enable_progress_bar()
 
 
-def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, tokens, dim) -> (batch, dim): the mean over the real tokens (padding excluded)."""
-    weights = attention_mask.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
 class ProbedTextTeacher(nn.Module):
     """The frozen sentence encoder with a linear probe as head. Taps: ``bert.embeddings``,
     ``bert.encoder.layer.0`` .. ``bert.encoder.layer.5`` (each (batch, tokens, 384)).
@@ -171,7 +166,7 @@ class ProbedTextTeacher(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The model's sentence embedding (batch, 384), as sentence-transformers computes it."""
         states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(mean_pool(states, attention_mask), dim=-1)
+        return F.normalize(pooled(states, attention_mask), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.probe(self.features(input_ids, attention_mask))
@@ -239,7 +234,7 @@ class SmallTransformer(nn.Module):
         padding = attention_mask == 0
         for layer in self.layers:
             x = layer(x, src_key_padding_mask=padding)
-        return self.head(self.norm(mean_pool(x, attention_mask)))
+        return self.head(self.norm(pooled(x, attention_mask)))
 
 
 # ------------------------------------------------------------------------------ task

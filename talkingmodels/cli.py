@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 from talkingmodels.errors import UserError
@@ -41,6 +42,10 @@ def cmd_bench(args) -> None:
     if args.task == "all" and args.settings:
         raise UserError("--settings names one task's settings; it cannot be used with bench all")
     tasks = [get_task(name) for name in names]
+    chosen = _csv(args.suite)
+    if unknown := [name for name in chosen if name not in suites.SUITES]:
+        raise UserError(f"unknown suite {unknown[0]!r}; valid suites: {', '.join(suites.SUITES)} "
+                        "(several: comma-separated, e.g. full,ablations)")
     options = {}
     if args.data_dir:
         options["data_dir"] = args.data_dir
@@ -48,20 +53,19 @@ def cmd_bench(args) -> None:
         options["cache_dir"] = args.cache_dir
     train = {"epochs": args.epochs} if args.epochs is not None else {}
     experiments = []
-    for task in tasks:  # every task validated and resolved before the first run
-        config = suites.experiment_config(task, args.suite, args.seeds)
+    for task, suite in product(tasks, chosen):  # all validated and resolved before the first run
+        config = suites.experiment_config(task, suite, args.seeds)
         if args.methods:
-            config["methods"] = [{"name": name, "label": name, **task.default_methods.get(name, {})}
-                                 for name in _csv(args.methods)]
+            config["methods"] = [{"name": name, "label": name} for name in _csv(args.methods)]
         if args.settings:
             config["settings"] = _csv(args.settings)
         config.update(task_options=options, train=train)
         experiments.append(resolve(validate(ExperimentConfig, config, "bench")))
     start = time.perf_counter()
-    out = Path(args.out or f"runs/{args.task}" + ("" if args.suite == "core" else f"-{args.suite}"))
+    out = Path(args.out or "-".join([f"runs/{args.task}", *(name for name in chosen if name != "core")]))
     store = _store_options(args)
     for index, exp in enumerate(experiments):
-        # One store for all tasks: --force clears it once, before the first task.
+        # One store for all tasks and suites: --force clears it once, before the first.
         report = run_experiment(exp, out, **{**store, "force": store["force"] and index == 0})
     _finish(report, start)
 
@@ -127,9 +131,10 @@ def build_parser() -> Parser:
 
     bench = sub.add_parser("bench", help="run a task's benchmark grid (or every task's: all)")
     bench.add_argument("task", help="a task name, or all (every task into one store and report)")
-    bench.add_argument("--suite", default="core", choices=("core", "full", "ablations"),
+    bench.add_argument("--suite", default="core",
                        help="core: the paper's baselines and TD; full: plus the modern baselines "
-                       "and the kd-modules control; ablations: TD's ablations")
+                       "and the kd-modules control; ablations: TD's ablations; several: "
+                       "comma-separated (full,ablations: the combined report)")
     bench.add_argument("--settings", help="comma-separated settings (default: the task's)")
     bench.add_argument("--methods", help="comma-separated methods (default: all of the task's)")
     bench.add_argument("--seeds", type=int, default=5)

@@ -127,7 +127,8 @@ def resolve(config: ExperimentConfig) -> Experiment:
     methods, labels = [], set()
     for index, entry in enumerate(entries):
         cls = get_method(entry.name)
-        options = validate(cls.Config, entry.options, f"methods[{index}] ({entry.name})")
+        options = validate(cls.Config, {**task.method_options.get(entry.name, {}), **entry.options},
+                           f"methods[{index}] ({entry.name})")
         label = entry.label or entry.name
         if label in labels:
             raise UserError(f"methods[{index}]: label {label!r} is used twice; give each variant "

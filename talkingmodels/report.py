@@ -98,6 +98,79 @@ def overview_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _variants() -> list[str]:
+    """The labels of TD's ablation variants (the ablation suite but scratch and TD itself)."""
+    from talkingmodels.suites import ABLATIONS
+
+    return [label for label in ABLATIONS if label not in (REFERENCE, "td")]
+
+
+def without_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of methods (not of TD's ablation variants): the tables comparing methods,
+    and "the best other method", leave the variants to the ablation tables."""
+    return frame[~frame.method.isin(_variants())]
+
+
+def _change(label: str) -> str:
+    from talkingmodels.suites import ABLATIONS
+
+    return ", ".join(f"{k} {v}" for k, v in ABLATIONS[label].items() if k != "name")
+
+
+def ablation_table(summary: pd.DataFrame, results: pd.DataFrame) -> str:
+    """TD's ablation variants of one setting against the default TD, paired by seed: what
+    each changes, its test metric, gain over scratch, difference from TD (positive =
+    the variant is better) with the paired t-test, and CKA with the teacher."""
+    from talkingmodels.analysis import paired_comparison
+
+    higher = get_task(summary.task.iloc[0]).metric.higher_is_better
+    table = _values(results)
+    metric = summary.metric.iloc[0]
+    lines = [f"| variant | change from td | test {metric} | gain vs scratch | vs td | p (paired t) | "
+             "better than td on | CKA at h |", "|---|---|---|---|---|---|---|---|"]
+    for label in [REFERENCE, "td", *_variants()]:
+        row = summary[summary.method == label]
+        if row.empty or _na(row.iloc[0]):
+            continue
+        r = row.iloc[0]
+        gain = f"{r['gain_pct']:+.2f}%" if pd.notna(r.get("gain_pct")) else "n/a"
+        cka = f"{r['cka']:.3f}" if pd.notna(r.get("cka")) else "-"
+        if label == "td" or "td" not in table or label not in table:
+            versus = ["-", "-", "-"]
+        else:
+            c = paired_comparison(table[label], table["td"], higher)
+            versus = [f"{c['mean_diff']:+.4f}", f"{c['p_ttest']:.3f}", f"{c['wins']}/{c['n']}"]
+        change = "(reference)" if label in (REFERENCE, "td") else _change(label)
+        lines.append(f"| {label} | {change} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | "
+                     + " | ".join(versus) + f" | {cka} |")
+    return "\n".join(lines)
+
+
+def ablation_overview(summary: pd.DataFrame) -> str:
+    """Every ablated setting side by side: each variant's test metric relative to the
+    default TD's, in percent (positive = the variant is better); "" without variants."""
+    variants = summary[summary.method.isin(_variants())]
+    keys = list(dict.fromkeys(zip(variants.task, variants.setting, strict=True)))
+    if not keys:
+        return ""
+    lines = ["| variant | change from td | " + " | ".join(f"{t} / {s}" for t, s in keys) + " |",
+             "|---" * (len(keys) + 2) + "|"]
+    for label in [REFERENCE, *_variants()]:
+        cells = []
+        for task, setting in keys:
+            group = summary[(summary.task == task) & (summary.setting == setting)]
+            row, td = group[group.method == label], group[group.method == "td"]
+            if row.empty or td.empty or _na(row.iloc[0]):
+                cells.append("n/a")
+                continue
+            higher = get_task(task).metric.higher_is_better
+            cells.append(f"{relative_gain(row.iloc[0]['mean'], td.iloc[0]['mean'], higher):+.2f}%")
+        if set(cells) != {"n/a"}:
+            change = "no distillation" if label == REFERENCE else _change(label)
+            lines.append(f"| {label} | {change} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _values(results: pd.DataFrame) -> pd.DataFrame:
     """Test metric by seed (rows) and method (columns); failed and n/a runs left out."""
     return results.pivot_table(index="seed", columns="method", values="value")
@@ -296,24 +369,33 @@ def write_report(out: Path) -> Path:
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
              "test metric is better than scratch's on the same seed.", ""]
-    if len(summary.groupby(["task", "setting"])) > 1:
+    methods = without_variants(summary)
+    if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["## Relative improvement over scratch, every setting", "",
                   "Mean test metric against scratch's, in percent (positive = better); the average "
                   "is over the settings where the method applies (their count in brackets).", "",
-                  gains_table(summary), ""]
-    for task, group in summary.groupby("task", sort=False):
+                  gains_table(methods), ""]
+    if ablations := ablation_overview(summary):
+        lines += ["## Ablations of TD, every ablated setting", "",
+                  "Each variant's mean test metric against the default TD's, in percent (positive = "
+                  "the variant is better); details and paired tests under each setting.", "",
+                  ablations, ""]
+    for task, group in methods.groupby("task", sort=False):
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]
         lines += cka_section(results, summary, task, Path(out))
-    for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
+    for (task, setting), everything in summary.groupby(["task", "setting"], sort=False):
+        group = without_variants(everything)
         lines += [f"## {task} / {setting}", "",
                   f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
                   f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), ""]
         runs = results[(results.task == task) & (results.setting == setting)]
-        paired = paired_table(runs)
+        paired = paired_table(without_variants(runs))
         if paired:
             lines += ["Paired by seed (same split and student initialisation per seed):", "",
-                      paired, "", significance_line(runs, group), ""]
+                      paired, "", significance_line(without_variants(runs), group), ""]
+        if len(group) < len(everything):
+            lines += [f"### Ablations of TD, {task} / {setting}", "", ablation_table(everything, runs), ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
     curve_files = sorted(Path(out).glob("curves/*.csv"))
     if (Path(out) / "curves.csv").is_file():  # the single-file layout of older stores
@@ -338,18 +420,22 @@ def readme_block(out: Path) -> str:
     never carries a number typed by hand."""
     results = pd.read_csv(Path(out) / "results.csv")
     summary = summarise(results)
+    methods = without_variants(summary)
     lines = []
-    for task, group in summary.groupby("task", sort=False):
-        lines += [overview_table(group), ""]
+    for task, group in methods.groupby("task", sort=False):
+        lines += [f"**{task}**", "", overview_table(group), ""]
         for setting, per_setting in group.groupby("setting", sort=False):
-            line = significance_line(results[(results.task == task) & (results.setting == setting)],
-                                     per_setting)
-            if line:
+            runs = without_variants(results[(results.task == task) & (results.setting == setting)])
+            if line := significance_line(runs, per_setting):
                 lines += [f"- {setting}: {line}"]
-        lines += [""]
-    if len(summary.groupby(["task", "setting"])) > 1:
+        if lines[-1]:  # (after significance lines)
+            lines += [""]
+    if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
-                  gains_table(summary), ""]
+                  gains_table(methods), ""]
+    if ablations := ablation_overview(summary):
+        lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
+                  "variant is better):", "", ablations, ""]
     return "\n".join(lines).rstrip("\n")
 
 

@@ -46,7 +46,7 @@ SUITES = ("core", "full", "ablations")
 
 def methods(task, suite: str) -> list[dict]:
     """The method entries (name, label, options) of ``suite`` on ``task`` (a Task class);
-    a task's own options for a method (``default_methods``) apply in every suite."""
+    a task's own options for a method (``method_options``) apply when the grid is resolved."""
     if suite == "core":
         labels = {label: {"name": label.split(":")[0]} for label in task.default_methods}
     elif suite == "full":
@@ -55,8 +55,7 @@ def methods(task, suite: str) -> list[dict]:
         labels = ABLATIONS
     else:
         raise UserError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
-    return [{**task.default_methods.get(entry["name"], {}), **entry, "label": label}
-            for label, entry in labels.items()]
+    return [{**entry, "label": label} for label, entry in labels.items()]
 
 
 def settings(task, suite: str) -> list[str]:

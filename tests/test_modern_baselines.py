@@ -512,6 +512,50 @@ def test_crd_bank_size_negatives_and_errors():
         method.forward_train(no_index)
 
 
+def test_crd_sampled_scores_by_hand():
+    from talkingmodels.methods.crd import sampled_scores
+
+    anchor, bank = torch.randn(3, 4), torch.randn(6, 4)
+    index = torch.tensor([0, 2, 5])
+    each = torch.tensor([[1, 3], [4, 4], [0, 1]])  # per example
+    expected = torch.stack([torch.stack([anchor[b] @ bank[r] for r in (index[b], *each[b])])
+                            for b in range(3)])
+    assert torch.allclose(sampled_scores(anchor, bank, index, each), expected, atol=1e-6)
+    big = torch.randn(100, 4)  # many rows: the gathering path instead of the full product
+    assert torch.allclose(sampled_scores(anchor, big, index, each),
+                          torch.stack([anchor[b] @ big[torch.cat([index[b:b + 1], each[b]])].T
+                                       for b in range(3)]), atol=1e-6)
+    shared = torch.tensor([1, 3])  # one set for the batch
+    positive = (anchor * bank[index]).sum(1, keepdim=True)
+    assert torch.allclose(sampled_scores(anchor, bank, index, shared),
+                          torch.cat([positive, anchor @ bank[shared].T], 1), atol=1e-6)
+
+
+def test_crd_shared_negatives_draw_one_set_per_batch(monkeypatch):
+    method, batch = build("crd", shared_negatives=True, nce_k=8)
+    seen, original = [], torch.randint
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "randint", spy)
+    _, terms = method.forward_train(batch)
+    assert seen[-1] == (8,) and torch.isfinite(terms["crd"])
+    terms["crd"].backward()
+    assert method.embed_student.weight.grad.abs().sum() > 0
+
+
+def test_rkd_angle_examples_limits_the_angle_term_to_the_first_examples():
+    method, batch = build("rkd", angle_examples=5)
+    with torch.no_grad():
+        _, student, teacher, _ = method.pooled_states(batch)
+    _, terms = method.forward_train(batch)
+    assert close(terms["angle"], 50 * float(losses.rkd_angle(student[:5], teacher[:5])))
+    assert close(terms["distance"], 25 * float(losses.rkd_distance(student, teacher)))
+
+
 def test_crd_optional_logit_kd_term():
     method, batch = build("crd", weight=1.0)
     assert set(method.forward_train(batch)[1]) == {"task", "kd", "crd"}

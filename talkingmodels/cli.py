@@ -6,7 +6,6 @@ A user's mistake prints one line (``error: ...``) and exits with code 2, no trac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from itertools import product
@@ -36,7 +35,7 @@ def cmd_run(args) -> None:
 
 def cmd_bench(args) -> None:
     from talkingmodels import distributed, suites
-    from talkingmodels.experiments import ExperimentConfig, resolve, run_experiment, validate
+    from talkingmodels.experiments import ExperimentConfig, peak_memory, resolve, run_experiment, validate
     from talkingmodels.tasks import TASKS, get_task
 
     names = sorted(TASKS) if args.task == "all" else [args.task]
@@ -71,7 +70,7 @@ def cmd_bench(args) -> None:
         begin = time.perf_counter()
         # One store for all tasks and suites: --force clears it once, before the first.
         report = run_experiment(exp, out, **{**store, "force": store["force"] and index == 0})
-        peaks.append(_peak_memory(reset=True))
+        peaks.append(peak_memory(reset=True))
         if len(experiments) > 1 and distributed.is_main():
             print(f"{exp.task.name} ({suite}): {time.perf_counter() - begin:.0f} s, "
                   f"peak memory {peaks[-1]:.2f} GiB")
@@ -82,30 +81,12 @@ def _store_options(args) -> dict:
     return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard}
 
 
-def _peak_memory(reset: bool = False) -> float:
-    """This process's peak resident memory in GiB. On Linux, the high-water mark (VmHWM),
-    which ``reset`` then sets back to the current size, so that each piece of a bench gets
-    its own peak; elsewhere the maximum so far (ru_maxrss, KiB on Linux, bytes on macOS)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
-        if line is not None:
-            peak = int(line.split()[1]) / 1024**2  # kB
-            if reset:
-                with contextlib.suppress(OSError):
-                    Path("/proc/self/clear_refs").write_text("5")
-            return peak
-    import resource
-
-    scale = 1024**3 if sys.platform == "darwin" else 1024**2
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-
-
 def _finish(report: Path, start: float, peak: float | None = None) -> None:
     from talkingmodels import distributed
+    from talkingmodels.experiments import peak_memory
 
     if distributed.is_main():
-        peak = _peak_memory() if peak is None else peak
+        peak = peak_memory() if peak is None else peak
         print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s, "
               f"peak memory {peak:.2f} GiB")
 

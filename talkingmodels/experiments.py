@@ -17,6 +17,7 @@ the grid and only the main one writes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -49,7 +50,7 @@ from talkingmodels.tasks import Prepared, Task, get_task
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
                   "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
-                  "status", "cka", "cka_classes", "class_metric"]
+                  "status", "cka", "cka_classes", "class_metric", "peak_gib"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
 
 
@@ -211,6 +212,25 @@ def _upgrade(path: Path) -> None:
         atomic_write_text(path, _csv_text(RESULT_COLUMNS, rows))
 
 
+def peak_memory(reset: bool = False) -> float:
+    """This process's peak resident memory in GiB. On Linux, the high-water mark (VmHWM),
+    which ``reset`` then sets back to the current size, so that each piece of a bench gets
+    its own peak; elsewhere the maximum so far (ru_maxrss, KiB on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+        if line is not None:
+            peak = int(line.split()[1]) / 1024**2  # kB
+            if reset:
+                with contextlib.suppress(OSError):
+                    Path("/proc/self/clear_refs").write_text("5")
+            return peak
+    import resource
+
+    scale = 1024**3 if sys.platform == "darwin" else 1024**2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
 def _run_id(setting: str, label: str, seed: int) -> str:
     return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")  # a safe file name
 
@@ -366,6 +386,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
     checkpoint = out / "checkpoints" / f"{run_id}.pt"
+    peak_memory(reset=True)  # this run's own peak, not an earlier run's
     try:
         result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
                      on_step=board.step if board.folder else None,
@@ -395,8 +416,8 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
         "best_epoch": result.best_epoch, "epochs": result.epochs,
-        "seconds": f"{result.seconds:.2f}", "extra_params": method.extra_parameter_count(),
-        "method_name": cls.name, "status": "ok",
+        "seconds": f"{result.seconds:.2f}", "peak_gib": f"{peak_memory():.3f}",
+        "extra_params": method.extra_parameter_count(), "method_name": cls.name, "status": "ok",
         # (in batches small enough for a large teacher's activations)
         **representation(prep, method.student, teacher_test, min(train.eval_batch_size, 512)),
     }])

@@ -42,7 +42,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                    "teacher": runs.teacher_value.iloc[0], "extra_params": runs.extra_params.iloc[0],
                    "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean(),
                    "failed": len(failed), "na": False,
-                   "cka": runs.cka.mean() if "cka" in runs else float("nan")}
+                   "cka": runs.cka.mean() if "cka" in runs else float("nan"),
+                   # the largest of the runs' peaks (each the whole process, data and teacher too)
+                   "peak_gib": runs.peak_gib.max() if "peak_gib" in runs else float("nan")}
             if len(reference):
                 row["gain_pct"] = relative_gain(values.mean(), reference.mean(), higher)
                 paired = values.index.intersection(reference.index)
@@ -62,18 +64,19 @@ def _na(row) -> bool:
 def markdown_table(summary: pd.DataFrame) -> str:
     metric = summary.metric.iloc[0]
     lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
-             f"val {metric} | best epoch | s/run | extra params | CKA at h |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"val {metric} | best epoch | s/run | peak GiB | extra params | CKA at h |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         if _na(r):
-            lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 8)
+            lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 9)
             continue
         cka = f"{r['cka']:.3f}" if pd.notna(r.get("cka")) else "-"
+        peak = f"{r['peak_gib']:.2f}" if pd.notna(r.get("peak_gib")) else "-"
         gain = f"{r['gain_pct']:+.2f}%" if "gain_pct" in r and pd.notna(r.get("gain_pct")) else "n/a"
         wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
         n = f"{r['n']} ({r['failed']} failed)" if r["failed"] else f"{r['n']}"
         lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
-                     f"{n} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | "
+                     f"{n} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | {peak} | "
                      f"{int(r['extra_params'])} | {cka} |")
     return "\n".join(lines)
 

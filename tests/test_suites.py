@@ -83,6 +83,7 @@ def test_classification_only_methods_are_na_on_ratings(task_options, tmp_path, c
     for method in ("scratch", "td"):
         assert 0.0 <= float(rows[(method, "1")]["cka"]) <= 1.0
         assert rows[(method, "1")]["cka_classes"] == ""  # regression: no classes
+        assert 0.05 < float(rows[(method, "1")]["peak_gib"]) < 24  # the run's peak memory
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| dkd | n/a (no meaning for this task) |" in report
     assert (tmp_path / "out" / "cka_movielens.png").stat().st_size > 0
@@ -144,11 +145,14 @@ def test_several_suites_run_into_one_store(monkeypatch, tmp_path):
 
 
 def test_peak_memory_is_per_piece_of_a_bench():
-    """The high-water mark is set back after each piece, so a later piece reports its own."""
-    before = cli._peak_memory(reset=True)
+    """The high-water mark is set back after each piece (and run), so a later one reports
+    its own."""
+    from talkingmodels.experiments import peak_memory
+
+    before = peak_memory(reset=True)
     big = bytearray(200 * 1024**2)
     big[::4096] = b"x" * len(big[::4096])  # touch every page
     del big  # (a large buffer goes back to the system at once)
-    first = cli._peak_memory(reset=True)
+    first = peak_memory(reset=True)
     assert first > before + 0.15
-    assert cli._peak_memory() < first - 0.15 or not Path("/proc/self/clear_refs").exists()
+    assert peak_memory() < first - 0.15 or not Path("/proc/self/clear_refs").exists()

@@ -98,6 +98,14 @@ def overview_table(summary: pd.DataFrame) -> str:
             gain = f"{r['gain_pct']:+.2f}%" if pd.notna(r.get("gain_pct")) else "n/a"
             cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", gain]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    cells = []  # the frozen teacher with its task head, for scale (one value: no seeds)
+    higher = get_task(summary.task.iloc[0]).metric.higher_is_better
+    for setting in settings:
+        rows = summary[summary.setting == setting]
+        scratch, teacher = rows[rows.method == REFERENCE], rows.teacher.iloc[0]
+        gain = "n/a" if scratch.empty else f"{relative_gain(teacher, scratch['mean'].iloc[0], higher):+.2f}%"
+        cells += ["-", f"{teacher:.4f}", gain]
+    lines.append("| teacher (frozen) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

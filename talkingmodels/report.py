@@ -297,36 +297,46 @@ def _per_class(runs: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path) -> list[str]:
+    """The per-class CKA heatmap of one setting and :func:`undistillable_table`."""
     from talkingmodels.analysis import cka_heatmap
 
     if "cka_classes" not in runs:
         return []
-    cka = _per_class(runs, "cka_classes")
-    path = cka_heatmap(cka, out / f"cka_classes_{task}_{setting}.png",
+    path = cka_heatmap(_per_class(runs, "cka_classes"), out / f"cka_classes_{task}_{setting}.png",
                        f"{task} / {setting}: per-class CKA with the teacher at h")
-    accuracy = _per_class(runs, "class_metric")
-    lines = [f"Per-class CKA, {setting} (mean over seeds): ![per-class CKA]({path.name})", ""]
+    return [f"Per-class CKA, {setting} (mean over seeds): ![per-class CKA]({path.name})", "",
+            *undistillable_table(runs, setting)]
+
+
+def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
+    """The paper's claim that TD helps most on "undistillable" classes, as numbers: the
+    classes whose test accuracy logit-kd lowers against scratch (mean over seeds), and each
+    method's mean per-class accuracy gain over scratch and CKA on them and on the others."""
+    if not {"cka_classes", "class_metric"} <= set(runs) or runs.class_metric.isna().all():
+        return []
+    cka, accuracy = _per_class(runs, "cka_classes"), _per_class(runs, "class_metric")
     if not {REFERENCE, "logit-kd"} <= set(accuracy.index):
-        return lines
+        return []
     gain = accuracy - accuracy.loc[REFERENCE]  # per-class accuracy gain over scratch
     hard = gain.columns[gain.loc["logit-kd"] < 0]
     easy = gain.columns[gain.loc["logit-kd"] >= 0]
-    lines += [f"Undistillable classes of {setting} (logit-kd's per-class test accuracy below "
-              f"scratch's): {', '.join(map(str, hard)) or 'none'}. Mean per-class accuracy gain "
-              "over scratch, in points:", "",
-              "| method | on undistillable classes | on the other classes | CKA, undistillable "
-              "| CKA, other |",
-              "|---|---|---|---|---|"]
+    lines = [f"Undistillable classes of {setting} (logit-kd's per-class test accuracy below "
+             f"scratch's): {', '.join(map(str, hard)) or 'none'}. Mean per-class accuracy gain "
+             "over scratch, in points:", "",
+             "| method | on undistillable classes | on the other classes | CKA, undistillable "
+             "| CKA, other |",
+             "|---|---|---|---|---|"]
 
-    def mean(frame, method, columns):
-        return f"{100 * frame.loc[method, columns].mean():+.2f}" if len(columns) else "n/a"
+    def points(method, columns):
+        return f"{100 * gain.loc[method, columns].mean():+.2f}" if len(columns) else "n/a"
 
-    def plain(frame, method, columns):
-        return f"{frame.loc[method, columns].mean():.3f}" if len(columns) else "n/a"
+    def similarity(method, columns):
+        ok = len(columns) and method in cka.index
+        return f"{cka.loc[method, columns].mean():.3f}" if ok else "n/a"
 
     for method in gain.index:
-        lines.append(f"| {method} | {mean(gain, method, hard)} | {mean(gain, method, easy)} | "
-                     f"{plain(cka, method, hard)} | {plain(cka, method, easy)} |")
+        lines.append(f"| {method} | {points(method, hard)} | {points(method, easy)} | "
+                     f"{similarity(method, hard)} | {similarity(method, easy)} |")
     return [*lines, ""]
 
 
@@ -441,6 +451,9 @@ def readme_block(out: Path) -> str:
                 lines += [f"- {setting}: {line}"]
         if lines[-1]:  # (after significance lines)
             lines += [""]
+        for setting in dict.fromkeys(group.setting):
+            lines += undistillable_table(
+                without_variants(results[(results.task == task) & (results.setting == setting)]), setting)
     if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]

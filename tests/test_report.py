@@ -67,3 +67,29 @@ def test_ablation_variants_have_their_own_tables(tmp_path):
     block = readme_block(tmp_path)
     assert "td-m8 | message_dim 8 | +12.09% |" in block
     assert "best other method (fitnet)" in block and "| td-m8 | 0." not in block
+
+
+def test_undistillable_classes_by_hand():
+    """Classes whose accuracy logit-kd lowers against scratch (mean over seeds), and each
+    method's mean gain in points and CKA on them and on the others."""
+    import json
+
+    from talkingmodels.report import undistillable_table
+
+    def run(method, seed, accuracy, cka):
+        return {"method": method, "seed": seed, "class_metric": json.dumps(accuracy),
+                "cka_classes": json.dumps(cka)}
+
+    runs = pd.DataFrame([
+        run("scratch", 0, {"0": 0.8, "1": 0.6, "2": 0.5}, {"0": 0.5, "1": 0.5, "2": 0.5}),
+        run("scratch", 1, {"0": 0.8, "1": 0.6, "2": 0.7}, {"0": 0.5, "1": 0.5, "2": 0.5}),
+        # logit-kd: class 0 -0.1, class 1 +0.1, class 2 -0.05 (mean over the two seeds)
+        run("logit-kd", 0, {"0": 0.7, "1": 0.7, "2": 0.5}, {"0": 0.6, "1": 0.7, "2": 0.8}),
+        run("logit-kd", 1, {"0": 0.7, "1": 0.7, "2": 0.6}, {"0": 0.6, "1": 0.7, "2": 0.8}),
+        run("td", 0, {"0": 0.9, "1": 0.6, "2": 0.8}, {"0": 0.9, "1": 0.3, "2": 0.7}),
+        run("td", 1, {"0": 0.9, "1": 0.6, "2": 0.8}, {"0": 0.9, "1": 0.3, "2": 0.7})])
+    text = "\n".join(undistillable_table(runs, "toy"))
+    assert "(logit-kd's per-class test accuracy below scratch's): 0, 2." in text
+    # td on classes 0 and 2: gains +0.1 and +0.2 -> +15 points; on class 1: 0; CKA 0.8 and 0.3
+    assert "| td | +15.00 | +0.00 | 0.800 | 0.300 |" in text
+    assert "| logit-kd | -7.50 | +10.00 | 0.700 | 0.700 |" in text

@@ -25,17 +25,19 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_run(args) -> None:
-    from talkingmodels.experiments import load_config, run_experiment
+    from talkingmodels.experiments import PeakMemory, load_config, run_experiment
 
     start = time.perf_counter()
     exp = load_config(args.config)
     out = args.out or exp.config.out or Path("runs") / Path(args.config).stem
-    _finish(run_experiment(exp, Path(out), **_store_options(args)), start)
+    with PeakMemory() as memory:
+        report = run_experiment(exp, Path(out), **_store_options(args))
+    _finish(report, start, memory.peak)
 
 
 def cmd_bench(args) -> None:
     from talkingmodels import distributed, suites
-    from talkingmodels.experiments import ExperimentConfig, peak_memory, resolve, run_experiment, validate
+    from talkingmodels.experiments import ExperimentConfig, PeakMemory, resolve, run_experiment, validate
     from talkingmodels.tasks import TASKS, get_task
 
     names = sorted(TASKS) if args.task == "all" else [args.task]
@@ -65,28 +67,26 @@ def cmd_bench(args) -> None:
     start = time.perf_counter()
     out = Path(args.out or "-".join([f"runs/{args.task}", *(name for name in chosen if name != "core")]))
     store = _store_options(args)
-    peaks = []
-    for index, (exp, suite) in enumerate(zip(experiments, pieces, strict=True)):
-        begin = time.perf_counter()
-        # One store for all tasks and suites: --force clears it once, before the first.
-        report = run_experiment(exp, out, **{**store, "force": store["force"] and index == 0})
-        peaks.append(peak_memory(reset=True))
-        if len(experiments) > 1 and distributed.is_main():
-            print(f"{exp.task.name} ({suite}): {time.perf_counter() - begin:.0f} s, "
-                  f"peak memory {peaks[-1]:.2f} GiB")
-    _finish(report, start, max(peaks))
+    with PeakMemory() as memory:
+        for index, (exp, suite) in enumerate(zip(experiments, pieces, strict=True)):
+            begin = time.perf_counter()
+            with PeakMemory() as piece:
+                # One store for all tasks and suites: --force clears it once, before the first.
+                report = run_experiment(exp, out, **{**store, "force": store["force"] and index == 0})
+            if len(experiments) > 1 and distributed.is_main():
+                print(f"{exp.task.name} ({suite}): {time.perf_counter() - begin:.0f} s, "
+                      f"peak memory {piece.peak:.2f} GiB")
+    _finish(report, start, memory.peak)
 
 
 def _store_options(args) -> dict:
     return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard}
 
 
-def _finish(report: Path, start: float, peak: float | None = None) -> None:
+def _finish(report: Path, start: float, peak: float) -> None:
     from talkingmodels import distributed
-    from talkingmodels.experiments import peak_memory
 
     if distributed.is_main():
-        peak = peak_memory() if peak is None else peak
         print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s, "
               f"peak memory {peak:.2f} GiB")
 

@@ -212,10 +212,10 @@ def _upgrade(path: Path) -> None:
         atomic_write_text(path, _csv_text(RESULT_COLUMNS, rows))
 
 
-def peak_memory(reset: bool = False) -> float:
-    """This process's peak resident memory in GiB. On Linux, the high-water mark (VmHWM),
-    which ``reset`` then sets back to the current size, so that each piece of a bench gets
-    its own peak; elsewhere the maximum so far (ru_maxrss, KiB on Linux, bytes on macOS)."""
+def _high_water_mark(reset: bool = False) -> float:
+    """This process's peak resident memory in GiB: on Linux the kernel's high-water mark
+    (VmHWM), which ``reset`` sets back to the current size; elsewhere the peak so far
+    (ru_maxrss: KiB on Linux, bytes on macOS), which cannot be set back."""
     status = Path("/proc/self/status")
     if status.is_file():
         line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
@@ -229,6 +229,31 @@ def peak_memory(reset: bool = False) -> float:
 
     scale = 1024**3 if sys.platform == "darwin" else 1024**2
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+class PeakMemory:
+    """The peak resident memory (``peak``, GiB) of this process over a block of code: a
+    bench, one of its pieces, one run. The high-water mark is set back on entering, so that
+    a block gets its own peak, not an earlier one's; blocks nest (an enclosing block keeps
+    the peaks that its inner blocks set back)."""
+
+    _open: list[PeakMemory] = []
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = 0.0
+        self._fold(reset=True)
+        PeakMemory._open.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fold()
+        PeakMemory._open.remove(self)
+
+    @staticmethod
+    def _fold(reset: bool = False) -> None:
+        mark = _high_water_mark(reset)
+        for block in PeakMemory._open:  # (on entering, only the enclosing blocks are open)
+            block.peak = max(block.peak, mark)
 
 
 def _run_id(setting: str, label: str, seed: int) -> str:
@@ -386,11 +411,11 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
                             f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
     checkpoint = out / "checkpoints" / f"{run_id}.pt"
-    peak_memory(reset=True)  # this run's own peak, not an earlier run's
     try:
-        result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
-                     on_step=board.step if board.folder else None,
-                     fingerprint=_fingerprint(exp, prep.setting, cls, options), distribute=True)
+        with PeakMemory() as memory:  # this run's own peak, not an earlier run's
+            result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
+                         on_step=board.step if board.folder else None,
+                         fingerprint=_fingerprint(exp, prep.setting, cls, options), distribute=True)
     except NumericalFault as fault:
         # Recorded as failed (the report shows it); the last good checkpoint stays on disk.
         board.close()
@@ -416,7 +441,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
         "best_epoch": result.best_epoch, "epochs": result.epochs,
-        "seconds": f"{result.seconds:.2f}", "peak_gib": f"{peak_memory():.3f}",
+        "seconds": f"{result.seconds:.2f}", "peak_gib": f"{memory.peak:.3f}",
         "extra_params": method.extra_parameter_count(), "method_name": cls.name, "status": "ok",
         # (in batches small enough for a large teacher's activations)
         **representation(prep, method.student, teacher_test, min(train.eval_batch_size, 512)),

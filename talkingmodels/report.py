@@ -404,7 +404,8 @@ def write_report(out: Path) -> Path:
     for task, group in methods.groupby("task", sort=False):
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]
-        lines += cka_section(results, summary, task, Path(out))
+        # (the variants' CKA is in the ablation tables)
+        lines += cka_section(without_variants(results), methods, task, Path(out))
     for (task, setting), everything in summary.groupby(["task", "setting"], sort=False):
         group = without_variants(everything)
         lines += [f"## {task} / {setting}", "",
@@ -413,8 +414,9 @@ def write_report(out: Path) -> Path:
         runs = results[(results.task == task) & (results.setting == setting)]
         paired = paired_table(without_variants(runs))
         if paired:
+            line = significance_line(without_variants(runs), group)
             lines += ["Paired by seed (same split and student initialisation per seed):", "",
-                      paired, "", significance_line(without_variants(runs), group), ""]
+                      paired, "", *([line, ""] if line else [])]
         if len(group) < len(everything):
             lines += [f"### Ablations of TD, {task} / {setting}", "", ablation_table(everything, runs), ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]

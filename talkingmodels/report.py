@@ -287,13 +287,16 @@ def cka_section(results: pd.DataFrame, summary: pd.DataFrame, task: str, out: Pa
 
 
 def _per_class(runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean over seeds of a per-class JSON column: methods x classes."""
+    """Mean over seeds of a per-class JSON column: methods x classes (named, where the
+    task names its classes)."""
     import json
 
     rows = [{"method": r.method, **{int(k): v for k, v in json.loads(r[column]).items()}}
             for _, r in runs.iterrows() if isinstance(r[column], str)]
     frame = pd.DataFrame(rows).groupby("method", sort=False).mean()
-    return frame[sorted(frame.columns)].astype(float)
+    frame = frame[sorted(frame.columns)].astype(float)
+    names = get_task(runs.task.iloc[0]).class_names if "task" in runs else ()
+    return frame.rename(columns=lambda c: names[c] if c < len(names) else c)
 
 
 def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path) -> list[str]:

@@ -60,6 +60,8 @@ class Task:
     # The bench grid: label -> method options (the paper's baselines and TD by default).
     default_methods: ClassVar[dict[str, dict]] = {
         "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {}}
+    # Names of the classes by index, for the report's per-class tables (classification).
+    class_names: ClassVar[tuple[str, ...]] = ()
     # This task's defaults for a method's options, under whatever a config gives (where a
     # method's general default does not suit the task's size, e.g. a shorter hint stage).
     method_options: ClassVar[dict[str, dict]] = {}

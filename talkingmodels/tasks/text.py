@@ -266,6 +266,7 @@ class Sentiment(ClassificationTask):
     # move the student off the majority class).
     default_settings = ("tweets", "movies")
     ablation_settings = ("tweets-1k",)
+    class_names = ("negative", "positive")
     default_train = {"epochs": 8, "batch_size": 32, "lr": 3e-3, "patience": 3}
     setting_train = {domain: {"epochs": 4, "patience": 2} for domain in DOMAINS}
     method_options = {"fitnet": {"hint_epochs": 2}}

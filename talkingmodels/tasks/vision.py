@@ -196,6 +196,7 @@ class FashionVision(ClassificationTask):
     Config = VisionConfig
     default_settings = tuple(SETTINGS)
     ablation_settings = ("fashion-1k",)
+    class_names = CLASSES
     # 10,000 images converge in about 10 epochs; 1,000 (8 steps an epoch) need many more.
     default_train = {"epochs": 12, "batch_size": 128, "lr": 2e-3, "patience": 4}
     setting_train = {"fashion-1k": {"epochs": 60, "patience": 10}}

@@ -52,7 +52,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                     (values[paired] < reference[paired])
                 row["wins"] = f"{int(better.sum())}/{len(paired)}"
             rows.append(row)
-    return pd.DataFrame(rows)
+    # Tasks in name order (as bench all runs them), whatever order the store was filled in;
+    # settings and methods in the store's order within a task.
+    return pd.DataFrame(rows).sort_values("task", kind="stable", ignore_index=True)
 
 
 def _na(row) -> bool:

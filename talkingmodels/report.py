@@ -63,6 +63,14 @@ def _na(row) -> bool:
     return bool(value) if value is not None and pd.notna(value) else False
 
 
+def _gain_text(row) -> str:
+    return f"{row['gain_pct']:+.2f}%" if pd.notna(row.get("gain_pct")) else "n/a"
+
+
+def _cka_text(row) -> str:
+    return f"{row['cka']:.3f}" if pd.notna(row.get("cka")) else "-"
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     metric = summary.metric.iloc[0]
     lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
@@ -72,9 +80,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
         if _na(r):
             lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 9)
             continue
-        cka = f"{r['cka']:.3f}" if pd.notna(r.get("cka")) else "-"
+        cka, gain = _cka_text(r), _gain_text(r)
         peak = f"{r['peak_gib']:.2f}" if pd.notna(r.get("peak_gib")) else "-"
-        gain = f"{r['gain_pct']:+.2f}%" if "gain_pct" in r and pd.notna(r.get("gain_pct")) else "n/a"
         wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
         n = f"{r['n']} ({r['failed']} failed)" if r["failed"] else f"{r['n']}"
         lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
@@ -97,8 +104,7 @@ def overview_table(summary: pd.DataFrame) -> str:
                 cells += ["n/a"] * 3
                 continue
             r = row.iloc[0]
-            gain = f"{r['gain_pct']:+.2f}%" if pd.notna(r.get("gain_pct")) else "n/a"
-            cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", gain]
+            cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", _gain_text(r)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     cells = []  # the frozen teacher with its task head, for scale (one value: no seeds)
     higher = get_task(summary.task.iloc[0]).metric.higher_is_better
@@ -146,8 +152,7 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame) -> str:
         if row.empty or _na(row.iloc[0]):
             continue
         r = row.iloc[0]
-        gain = f"{r['gain_pct']:+.2f}%" if pd.notna(r.get("gain_pct")) else "n/a"
-        cka = f"{r['cka']:.3f}" if pd.notna(r.get("cka")) else "-"
+        gain, cka = _gain_text(r), _cka_text(r)
         if label == "td" or "td" not in table or label not in table:
             versus = ["-", "-", "-"]
         else:

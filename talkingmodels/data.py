@@ -41,6 +41,7 @@ class Batch:
     target: torch.Tensor
     teacher_cache: Mapping[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None  # the examples' rows in their split (memory-bank methods)
+    lengths: torch.Tensor | None = None  # real tokens per example, for batches of sequences
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Split:
         teacher = student if self.teacher_inputs is None else tuple(take(x) for x in self.teacher_inputs)
         cache = LazyRows(self.teacher_cache, take)
         rows = index if isinstance(index, torch.Tensor) else torch.arange(len(self))[index]
-        return Batch(student, teacher, self.target[index], cache, rows)
+        lengths = self.lengths[index] if sequences else None
+        return Batch(student, teacher, self.target[index], cache, rows, lengths)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 shard: tuple[int, int] = (0, 1)):

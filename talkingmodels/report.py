@@ -442,8 +442,38 @@ def write_report(out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ README
-README_START = "<!-- results of {} (generated: talkingmodels report {} --readme README.md) -->"
-README_END = "<!-- end of results of {} -->"
+README_START = "<!-- results of {store} (generated: talkingmodels report {store} --readme {doc}) -->"
+README_END = "<!-- end of results of {store} -->"
+
+
+def readme_markers(doc: str, store: str) -> tuple[str, str]:
+    """The two marker lines around ``store``'s generated block in the Markdown file ``doc``
+    (both as paths relative to the repository root, as the command is typed there)."""
+    return README_START.format(store=store, doc=doc), README_END.format(store=store)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def compute_table(results: pd.DataFrame) -> str:
+    """Per task: the runs a store holds, n/a rows, their training time summed over runs (the
+    time each ``fit`` took, as it ran: teacher pre-training and caches not included) and the
+    largest peak resident memory of a run."""
+    status = results.get("status", pd.Series("ok", index=results.index)).astype(str)
+    trained = results[~status.str.startswith("n/a")]
+    lines = ["| task | runs | n/a | training time (sum over runs) | largest peak memory of a run |",
+             "|---|---|---|---|---|"]
+    tasks = sorted(set(results.task))
+    for task in [*tasks, *(["all"] if len(tasks) > 1 else [])]:
+        mine = results.task == task if task != "all" else results.task.notna()
+        runs = trained[mine[trained.index]]
+        peak = runs["peak_gib"].max() if "peak_gib" in runs else None
+        lines.append(f"| {task} | {len(runs)} | {int(mine.sum()) - len(runs)} | "
+                     f"{_duration(runs.seconds.sum())} | "
+                     f"{'-' if pd.isna(peak) else f'{peak:.2f} GiB'} |")
+    return "\n".join(lines)
 
 
 def readme_block(out: Path) -> str:
@@ -472,6 +502,8 @@ def readme_block(out: Path) -> str:
     if ablations := ablation_overview(summary):
         lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
                   "variant is better):", "", ablations, ""]
+    if "peak_gib" in results:  # stores from before per-run peaks were recorded keep their blocks
+        lines += ["Runs in this store (2 CPU cores):", "", compute_table(results), ""]
     return "\n".join(lines).rstrip("\n")
 
 
@@ -480,7 +512,10 @@ def update_readme(readme: Path, out: Path, name: str | None = None) -> Path:
     :func:`readme_block`; the markers must already be there (the prose around them is the
     author's)."""
     name = name or Path(out).as_posix()
-    start, end = README_START.format(name, name), README_END.format(name)
+    doc = Path(readme)
+    if doc.is_absolute() and doc.resolve().is_relative_to(Path.cwd().resolve()):
+        doc = doc.resolve().relative_to(Path.cwd().resolve())
+    start, end = readme_markers(doc.as_posix(), name)
     text = Path(readme).read_text()
     if start not in text or end not in text:
         raise UserError(f"{readme} has no block for {name}; add the two lines\n{start}\n{end}")

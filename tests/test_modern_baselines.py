@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkingmodels import losses
-from talkingmodels.data import Batch
+from talkingmodels.data import Batch, Split
 from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS, ModelPair, supports
 from talkingmodels.methods.base import pooled
@@ -274,6 +274,35 @@ def build(name: str, kind: str = "mlp", seed: int = 0, **options):
     cls = METHODS[name]
     torch.manual_seed(seed)
     return cls(pair, cls.Config(**options), batch), batch
+
+
+def test_relational_methods_pool_over_real_tokens_only():
+    """A sentence's pooled state (and so the relational losses) must not depend on the
+    padding its batch adds: the same sentences padded to 4 or 7 tokens give the same."""
+    method, batch = build("rkd", "tokens")
+    ids = batch.student_inputs[0][:8]
+    lengths = torch.tensor([4, 3, 2, 4, 1, 3, 4, 2])
+    ids = ids.masked_fill(torch.arange(4) >= lengths[:, None], 0)  # id 0 pads
+    short = Split((ids,), batch.target[:8], lengths=lengths).batch(torch.arange(8))
+    long = Split((F.pad(ids, (0, 3)),), batch.target[:8], lengths=lengths).batch(torch.arange(8))
+    assert torch.equal(short.lengths, lengths) and long.student_inputs[0].shape[1] == 4  # trimmed
+    padded = Batch((F.pad(ids, (0, 3)),), (F.pad(ids, (0, 3)),), short.target, {}, short.index, lengths)
+    for name in ("rkd", "pkt", "crd"):
+        method, _ = build(name, "tokens")
+        method.eval()
+        _, student, teacher, _ = method.pooled_states(short)
+        _, student_padded, teacher_padded, _ = method.pooled_states(padded)
+        assert torch.allclose(student, student_padded, atol=1e-6)
+        assert torch.allclose(teacher, teacher_padded, atol=1e-6)
+        if name == "crd":
+            continue  # it draws new negatives on every call: its pooled states are checked above
+        with torch.no_grad():  # the toy model's own head pools over padding: its task term differs
+            terms, terms_padded = method.forward_train(short)[1], method.forward_train(padded)[1]
+        for term in terms.keys() - {"task"}:
+            assert torch.allclose(terms[term], terms_padded[term], atol=1e-5), (name, term)
+    no_lengths = Batch(padded.student_inputs, padded.teacher_inputs, padded.target)
+    _, student_all, _, _ = method.pooled_states(no_lengths)
+    assert not torch.allclose(student_all, student)  # without lengths, padding counts
 
 
 def kinds_for(name: str) -> list[str]:

@@ -93,3 +93,19 @@ def test_undistillable_classes_by_hand():
     # td on classes 0 and 2: gains +0.1 and +0.2 -> +15 points; on class 1: 0; CKA 0.8 and 0.3
     assert "| td | +15.00 | +0.00 | 0.800 | 0.300 |" in text
     assert "| logit-kd | -7.50 | +10.00 | 0.700 | 0.700 |" in text
+
+
+def test_compute_table_by_hand():
+    from talkingmodels.report import compute_table
+
+    results = pd.DataFrame({
+        "task": ["b", "b", "a", "a", "a"],
+        "status": ["ok", "n/a: needs classification outputs", "ok", "ok", "ok"],
+        "seconds": [200.0, float("nan"), 1800.0, 1830.0, 2000.0],
+        "peak_gib": [0.5, float("nan"), 1.25, 2.0, 1.0],
+    })
+    assert compute_table(results).splitlines()[2:] == [
+        "| a | 3 | 0 | 1 h 34 min | 2.00 GiB |",  # 5630 s = 93.8 min
+        "| b | 1 | 1 | 3 min | 0.50 GiB |",  # 200 s, the n/a row not counted
+        "| all | 4 | 1 | 1 h 37 min | 2.00 GiB |",  # 5830 s = 97.2 min
+    ]

@@ -60,8 +60,8 @@ def feature_dim(state: torch.Tensor) -> int:
 def pooled(state: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One vector per example: the mean over the positions of an image state (batch, C, H, W)
     or over the tokens of a sequence state (batch, tokens, dim), only the real ones when a
-    ``mask`` (batch, tokens) is given (methods do not know the mask: padding counts there);
-    other states are flattened. Differentiable: the text models pool with it too."""
+    ``mask`` (batch, tokens) is given (:meth:`Distiller.pooled_states` builds it from the
+    batch's lengths); other states are flattened. Differentiable: the text models pool with it too."""
     if state.dim() == 4:
         return state.mean(dim=(2, 3))
     if state.dim() == 3:
@@ -70,6 +70,14 @@ def pooled(state: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
         weights = mask.unsqueeze(-1).to(state.dtype)
         return (state * weights).sum(1) / weights.sum(1).clamp(min=1)
     return state.flatten(1)
+
+
+def token_mask(batch: Batch, state: torch.Tensor) -> torch.Tensor | None:
+    """(batch, tokens) mask of the real tokens of a sequence state, from the batch's
+    lengths; None for states that are not token sequences or batches without lengths."""
+    if batch.lengths is None or state.dim() != 3:
+        return None
+    return torch.arange(state.shape[1], device=state.device) < batch.lengths.to(state.device)[:, None]
 
 
 def supports(cls: type[Distiller], output: OutputKind) -> bool:
@@ -153,11 +161,15 @@ class Distiller(nn.Module):
 
     def pooled_states(self, batch: Batch):
         """For relational methods: the student's prediction, both models' states at ``h``
-        pooled to one vector per example (student, teacher), and the teacher's outputs."""
+        pooled to one vector per example (student, teacher), and the teacher's outputs.
+        Token sequences pool over each sentence's real tokens: a mean over padding would
+        make a sentence's vector depend on the lengths of the others in its batch."""
         s_name, t_name = self.pair.student_layers[1], self.pair.teacher_layers[1]
         prediction, states = self.student_states(batch, (s_name,))
         teacher = self.teacher_states(batch, (t_name,))
-        return prediction, pooled(states[s_name]), pooled(teacher[t_name]), teacher
+        student, teacher_h = (pooled(state, token_mask(batch, state))
+                              for state in (states[s_name], teacher[t_name]))
+        return prediction, student, teacher_h, teacher
 
     @staticmethod
     def state_dims(model: nn.Module, layers: tuple[str, str], inputs: tuple) -> dict[str, int]:

@@ -244,6 +244,34 @@ def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str =
             f"{claim}.")
 
 
+def versus_table(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
+    """``focus`` against every other method on every setting of a store, paired by seed:
+    "better" or "worse" where the paired t-test says so at 5%, else "n.s.", with its p; the
+    last column counts the settings each way. The README's plain words on where TD wins
+    are read off this table."""
+    from talkingmodels.analysis import paired_comparison
+
+    keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
+    lines = [f"| {focus} against | " + " | ".join(f"{t} / {s}" for t, s in keys) +
+             f" | {focus} better / worse |", "|---" * (len(keys) + 2) + "|"]
+    for other in dict.fromkeys(summary.method):
+        if other == focus:
+            continue
+        cells, counts = [], {"better": 0, "worse": 0}
+        for task, setting in keys:
+            table = _values(results[(results.task == task) & (results.setting == setting)])
+            c = (paired_comparison(table[focus], table[other], get_task(task).metric.higher_is_better)
+                 if focus in table and other in table else None)
+            if c is None or pd.isna(c["p_ttest"]):
+                cells.append("n/a")
+                continue
+            word = ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "n.s."
+            counts[word] = counts.get(word, 0) + 1
+            cells.append(f"{word} (p {c['p_ttest']:.3f})")
+        lines.append(f"| {other} | " + " | ".join(cells) + f" | {counts['better']} / {counts['worse']} |")
+    return "\n".join(lines)
+
+
 def gains_table(summary: pd.DataFrame) -> str:
     """The paper's Table 1, extended: every method's relative improvement over scratch in
     every (task, setting) of the store, and its average across them."""
@@ -406,6 +434,11 @@ def write_report(out: Path) -> Path:
                   "Mean test metric against scratch's, in percent (positive = better); the average "
                   "is over the settings where the method applies (their count in brackets).", "",
                   gains_table(methods), ""]
+        if "td" in set(methods.method):
+            lines += ["## TD against every method, every setting", "",
+                      "Paired by seed; better or worse where the paired t-test says so at 5%, else "
+                      "n.s. (not significant); each setting's full table is under it.", "",
+                      versus_table(without_variants(results), methods), ""]
     if ablations := ablation_overview(summary):
         lines += ["## Ablations of TD, every ablated setting", "",
                   "Each variant's mean test metric against the default TD's, in percent (positive = "
@@ -499,6 +532,9 @@ def readme_block(out: Path) -> str:
     if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
+        if "td" in set(methods.method):
+            lines += ["TD against every method, paired by seed (paired t-test at 5%; n.s.: not "
+                      "significant):", "", versus_table(without_variants(results), methods), ""]
     if ablations := ablation_overview(summary):
         lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
                   "variant is better):", "", ablations, ""]

@@ -109,3 +109,25 @@ def test_compute_table_by_hand():
         "| b | 1 | 1 | 3 min | 0.50 GiB |",  # 200 s, the n/a row not counted
         "| all | 4 | 1 | 1 h 37 min | 2.00 GiB |",  # 5830 s = 97.2 min
     ]
+
+
+def test_versus_table_by_hand():
+    """RMSE, lower is better. td against a: differences (a - td) 0.10, 0.12, 0.08 -> mean
+    0.10, sd 0.02, t = 0.10 / (0.02 / sqrt 3) = 8.660, two-sided p with 2 df = 0.01307:
+    better. Against b: differences -0.10, +0.10, 0.0 -> mean 0, p = 1: n.s. Against c:
+    -0.10, -0.10, -0.08 -> t = -0.0933 / (0.01155 / sqrt 3) = -14.0, p = 1 - 14 / sqrt(14^2 + 2)
+    = 0.0051: worse. On sparse only
+    dkd: differences 0.10, 0.15 -> t = 0.125 / (0.03536 / sqrt 2) = 5.0, 1 df, p = 0.1257."""
+    from talkingmodels.report import versus_table
+
+    results = pd.DataFrame(rows("td", [0.80, 0.90, 1.00]) + rows("a", [0.90, 1.02, 1.08])
+                           + rows("b", [0.70, 1.00, 1.00]) + rows("c", [0.70, 0.80, 0.92]))
+    other = pd.DataFrame(rows("td", [1.0, 0.9]) + rows("dkd", [1.1, 1.05])).assign(setting="sparse")
+    results = pd.concat([results, other], ignore_index=True)
+    summary = summarise(results)
+    lines = versus_table(results, summary).splitlines()
+    assert lines[0] == "| td against | movielens / dense | movielens / sparse | td better / worse |"
+    assert lines[2:] == ["| a | better (p 0.013) | n/a | 1 / 0 |",
+                         "| b | n.s. (p 1.000) | n/a | 0 / 0 |",
+                         "| c | worse (p 0.005) | n/a | 0 / 1 |",
+                         "| dkd | n/a | n.s. (p 0.126) | 0 / 0 |"]

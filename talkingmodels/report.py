@@ -52,9 +52,27 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                     (values[paired] < reference[paired])
                 row["wins"] = f"{int(better.sum())}/{len(paired)}"
             rows.append(row)
-    # Tasks in name order (as bench all runs them), whatever order the store was filled in;
-    # settings and methods in the store's order within a task.
-    return pd.DataFrame(rows).sort_values("task", kind="stable", ignore_index=True)
+    return _in_suite_order(pd.DataFrame(rows))
+
+
+def _in_suite_order(summary: pd.DataFrame) -> pd.DataFrame:
+    """Tasks in name order (as bench all runs them), whatever order the store was filled
+    in; within a task, settings and methods in the order of its bench suites (the full
+    suite, then the ablations), others after them in the store's order."""
+    from talkingmodels import suites
+
+    def rank(order: list[str]):
+        position = {name: i for i, name in enumerate(dict.fromkeys(order))}
+        return lambda column: column.map(lambda name: position.get(name, len(position)))
+
+    parts = []
+    for task, group in summary.groupby("task", sort=True):
+        cls = get_task(task)
+        settings = [*suites.settings(cls, "full"), *suites.settings(cls, "ablations")]
+        labels = [entry["label"] for suite in ("full", "ablations") for entry in suites.methods(cls, suite)]
+        group = group.sort_values("method", kind="stable", key=rank(labels))
+        parts.append(group.sort_values("setting", kind="stable", key=rank(settings)))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _na(row) -> bool:

@@ -55,23 +55,33 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return _in_suite_order(pd.DataFrame(rows))
 
 
-def _in_suite_order(summary: pd.DataFrame) -> pd.DataFrame:
-    """Tasks in name order (as bench all runs them), whatever order the store was filled
-    in; within a task, settings and methods in the order of its bench suites (the full
-    suite, then the ablations), others after them in the store's order."""
+def _suite_order(task: str) -> tuple[list[str], list[str]]:
+    """A task's settings and method labels in the order of its bench suites (the full
+    suite, then the ablations)."""
     from talkingmodels import suites
 
-    def rank(order: list[str]):
-        position = {name: i for i, name in enumerate(dict.fromkeys(order))}
-        return lambda column: column.map(lambda name: position.get(name, len(position)))
+    cls = get_task(task)
+    settings = [*suites.settings(cls, "full"), *suites.settings(cls, "ablations")]
+    labels = [entry["label"] for suite in ("full", "ablations") for entry in suites.methods(cls, suite)]
+    return list(dict.fromkeys(settings)), list(dict.fromkeys(labels))
 
+
+def _rank(order: list[str]):
+    """Sort key: position in ``order``; names not in it after, in their current order
+    (with a stable sort)."""
+    position = {name: i for i, name in enumerate(order)}
+    return lambda names: names.map(lambda name: position.get(name, len(position)))
+
+
+def _in_suite_order(summary: pd.DataFrame) -> pd.DataFrame:
+    """Tasks in name order (as bench all runs them), whatever order the store was filled
+    in; within a task, settings and methods in the order of its bench suites, others after
+    them in the store's order."""
     parts = []
     for task, group in summary.groupby("task", sort=True):
-        cls = get_task(task)
-        settings = [*suites.settings(cls, "full"), *suites.settings(cls, "ablations")]
-        labels = [entry["label"] for suite in ("full", "ablations") for entry in suites.methods(cls, suite)]
-        group = group.sort_values("method", kind="stable", key=rank(labels))
-        parts.append(group.sort_values("setting", kind="stable", key=rank(settings)))
+        settings, labels = _suite_order(task)
+        group = group.sort_values("method", kind="stable", key=_rank(labels))
+        parts.append(group.sort_values("setting", kind="stable", key=_rank(settings)))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -390,7 +400,8 @@ def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
         ok = len(columns) and method in cka.index
         return f"{cka.loc[method, columns].mean():.3f}" if ok else "n/a"
 
-    for method in gain.index:
+    order = _suite_order(runs.task.iloc[0])[1] if "task" in runs else []
+    for method in gain.index.to_series().sort_values(kind="stable", key=_rank(order)):
         lines.append(f"| {method} | {points(method, hard)} | {points(method, easy)} | "
                      f"{similarity(method, hard)} | {similarity(method, easy)} |")
     return [*lines, ""]

@@ -19,6 +19,7 @@ import torch
 
 from talkingmodels.errors import UserError
 from talkingmodels.methods.base import pooled as mean_per_example
+from talkingmodels.methods.base import token_mask
 
 __all__ = ["cka_heatmap", "linear_cka", "paired_comparison", "per_class_cka", "pooled"]
 
@@ -273,10 +274,7 @@ def pooled_states(model, layer: str, split, side: str = "student", batch_size: i
             inputs = batch.student_inputs if side == "student" else batch.teacher_inputs
             with taps.capture(model, [layer]) as states:
                 model(*inputs)
-            state, mask = states[layer], None
-            if split.lengths is not None and state.dim() == 3:
-                mask = torch.arange(state.shape[1]) < split.lengths[batch.index][:, None]
-            parts.append(pooled(state, mask))
+            parts.append(pooled(states[layer], token_mask(batch, states[layer])))
     finally:
         model.train(was_training)
     return torch.cat(parts)

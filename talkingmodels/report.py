@@ -19,6 +19,11 @@ def relative_gain(value: float, reference: float, higher_is_better: bool) -> flo
     return 100.0 * change / reference
 
 
+def _na_runs(results: pd.DataFrame) -> pd.Series:
+    """Which rows of a store are n/a (a method with no meaning for the task), not runs."""
+    return results.get("status", pd.Series("ok", index=results.index)).astype(str).str.startswith("n/a")
+
+
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, setting, method): mean, std, n, gain over scratch, paired wins."""
     rows = []
@@ -26,7 +31,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         higher = get_task(task).metric.higher_is_better
         reference = group[group.method == REFERENCE].set_index("seed")["value"].dropna()
         for method, runs in group.groupby("method", sort=False):
-            na = runs.get("status", pd.Series("ok", index=runs.index)).astype(str).str.startswith("n/a")
+            na = _na_runs(runs)
             if na.all():  # the method has no meaning for this task (e.g. class logits on ratings)
                 rows.append({"task": task, "setting": setting, "method": method, "na": True,
                              "metric": runs.metric.iloc[0], "n": 0, "failed": 0,
@@ -282,19 +287,20 @@ def versus_table(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td"
     keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
     lines = [f"| {focus} against | " + " | ".join(f"{t} / {s}" for t, s in keys) +
              f" | {focus} better / worse |", "|---" * (len(keys) + 2) + "|"]
+    tables = {(task, setting): _values(results[(results.task == task) & (results.setting == setting)])
+              for task, setting in keys}
     for other in dict.fromkeys(summary.method):
         if other == focus:
             continue
-        cells, counts = [], {"better": 0, "worse": 0}
-        for task, setting in keys:
-            table = _values(results[(results.task == task) & (results.setting == setting)])
+        cells, counts = [], {"better": 0, "worse": 0, "n.s.": 0}
+        for (task, _), table in tables.items():
             c = (paired_comparison(table[focus], table[other], get_task(task).metric.higher_is_better)
                  if focus in table and other in table else None)
             if c is None or pd.isna(c["p_ttest"]):
                 cells.append("n/a")
                 continue
             word = ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "n.s."
-            counts[word] = counts.get(word, 0) + 1
+            counts[word] += 1
             cells.append(f"{word} (p {c['p_ttest']:.3f})")
         lines.append(f"| {other} | " + " | ".join(cells) + f" | {counts['better']} / {counts['worse']} |")
     return "\n".join(lines)
@@ -523,8 +529,7 @@ def compute_table(results: pd.DataFrame) -> str:
     """Per task: the runs a store holds, n/a rows, their training time summed over runs (the
     time each ``fit`` took, as it ran: teacher pre-training and caches not included) and the
     largest peak resident memory of a run."""
-    status = results.get("status", pd.Series("ok", index=results.index)).astype(str)
-    trained = results[~status.str.startswith("n/a")]
+    trained = results[~_na_runs(results)]
     lines = ["| task | runs | n/a | training time (sum over runs) | largest peak memory of a run |",
              "|---|---|---|---|---|"]
     tasks = sorted(set(results.task))

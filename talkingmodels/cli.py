@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{interrupt or 'interrupted'}; finished runs are kept in results.csv",
               file=sys.stderr)
         return 130
+    finally:
+        from talkingmodels import distributed
+
+        distributed.shutdown()
     return 0
 
 

@@ -30,6 +30,13 @@ def accelerator():
     return Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter
+    shutdown, gloo's threads can abort a process that has finished all its work."""
+    if accelerator() is not None and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_main() -> bool:
     acc = accelerator()
     return acc is None or acc.is_main_process

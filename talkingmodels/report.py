@@ -163,6 +163,22 @@ def without_variants(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[~frame.method.isin(_variants())]
 
 
+def compared(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of methods on the settings where methods are compared: a setting that holds
+    TD's ablation variants and no method but scratch and TD (text's ``tweets-1k``) was run
+    for the ablations only, so the tables across methods leave it out (its columns would
+    be n/a for every other method, and TD's average gain would count one more setting than
+    theirs); its own section and the ablation tables show it. A store of the ablations
+    alone keeps all its settings: scratch and TD are the methods it compares."""
+    variant = frame.method.isin(_variants())
+    other = ~variant & ~frame.method.isin([REFERENCE, "td"])
+    by = [frame.task, frame.setting]
+    ablation_only = variant.groupby(by).transform("any") & ~other.groupby(by).transform("any")
+    if ablation_only[~variant].all():
+        return frame[~variant]
+    return frame[~variant & ~ablation_only]
+
+
 def _change(label: str) -> str:
     from talkingmodels.suites import ABLATIONS
 
@@ -413,8 +429,45 @@ def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
     return [*lines, ""]
 
 
+def _plot_panel(ax, group: pd.DataFrame, task: str) -> None:
+    """One axis of validation curves, methods in the suite's order: TD in black and scratch
+    in grey as the references, every other method in a colour of its own (tab20: an
+    ablation panel has 20 lines)."""
+    higher = get_task(task).metric.higher_is_better
+    colours = iter(_colours(len(set(group.method))))
+    group = group.sort_values("method", kind="stable", key=_rank(_suite_order(task)[1]))
+    for method, runs in group.groupby("method", sort=False):
+        mean = runs.groupby("epoch")["value"].mean()
+        style = {"td": {"color": "black", "linewidth": 2.2},
+                 REFERENCE: {"color": "grey", "linewidth": 2.2}}.get(method)
+        style = style or {"color": next(colours), "linewidth": 1.3}
+        # Solid while every seed still trains; dotted once early stopping has ended some
+        # (the mean of the survivors is then a biased view).
+        complete = int(runs.groupby("seed")["epoch"].max().min())
+        ax.plot(mean.index[mean.index <= complete], mean[mean.index <= complete], label=method, **style)
+        ax.plot(mean.index[mean.index >= complete], mean[mean.index >= complete], linestyle=":",
+                color=style["color"], linewidth=1.0)
+    # Zoom on where methods differ; a diverging or collapsed run (high RMSE, low accuracy)
+    # must not flatten every other curve, and the best curves must stay in view.
+    means = group.groupby(["method", "epoch"])["value"].mean()
+    low, high = (means.quantile(0.1), means.max()) if higher else (means.min(), means.quantile(0.9))
+    if high > low:  # (a single point has no range to zoom on)
+        margin = 0.05 * (high - low)
+        ax.set_ylim(low - margin, high + margin)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def _colours(n: int) -> list:
+    import matplotlib
+
+    return [matplotlib.colormaps["tab20" if n > 10 else "tab10"](i % 20) for i in range(n)]
+
+
 def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
-    """Mean validation metric per epoch and method, one PNG per (task, setting)."""
+    """Mean validation metric per epoch and method, one PNG per (task, setting): the
+    methods in one panel and, where the setting was ablated, TD's variants in a second."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,27 +476,18 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     val = curves[curves.name.str.startswith("val_")]
     for (task, setting), group in val.groupby(["task", "setting"], sort=False):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for method, runs in group.groupby("method", sort=False):
-            mean = runs.groupby("epoch")["value"].mean()
-            # Solid while every seed still trains; dotted once early stopping has ended some
-            # (the mean of the survivors is then a biased view).
-            complete = int(runs.groupby("seed")["epoch"].max().min())
-            line, = ax.plot(mean.index[mean.index <= complete], mean[mean.index <= complete],
-                            label=method, linewidth=1.5)
-            ax.plot(mean.index[mean.index >= complete], mean[mean.index >= complete],
-                    linestyle=":", linewidth=1.0, color=line.get_color())
-        # Zoom on where methods differ; a diverging run must not flatten every other curve.
-        means = group.groupby(["method", "epoch"])["value"].mean()
-        low, high = means.min(), means.quantile(0.9)
-        if high > low:  # (a single point has no range to zoom on)
-            ax.set_ylim(low - 0.05 * (high - low), high)
+        variants = group.method.isin(_variants())
+        panels = [("methods", group[~variants])] if (~variants).any() else []
+        if variants.any():
+            references = group.method.isin([REFERENCE, "td"])
+            panels.append(("TD's ablations", group[variants | references]))
+        fig, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 4.4), squeeze=False)
+        for ax, (title, rows) in zip(axes[0], panels, strict=True):
+            _plot_panel(ax, rows, task)
+            ax.set_title(title, fontsize=10)
         metric = group.name.iloc[0][len("val_"):]
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"validation {metric} (mean over seeds)")
-        ax.set_title(f"{task} / {setting} (dotted: some seeds stopped early)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        axes[0][0].set_ylabel(f"validation {metric} (mean over seeds)")
+        fig.suptitle(f"{task} / {setting} (dotted: some seeds stopped early)", fontsize=11)
         fig.tight_layout()
         path = out / f"curves_{task}_{setting}.png"
         fig.savefig(path, dpi=110)
@@ -463,7 +507,7 @@ def write_report(out: Path) -> Path:
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
              "test metric is better than scratch's on the same seed.", ""]
-    methods = without_variants(summary)
+    methods = compared(summary)
     if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["## Relative improvement over scratch, every setting", "",
                   "Mean test metric against scratch's, in percent (positive = better); the average "
@@ -473,7 +517,7 @@ def write_report(out: Path) -> Path:
             lines += ["## TD against every method, every setting", "",
                       "Paired by seed; better or worse where the paired t-test says so at 5%, else "
                       "n.s. (not significant); each setting's full table is under it.", "",
-                      versus_table(without_variants(results), methods), ""]
+                      versus_table(compared(results), methods), ""]
     if ablations := ablation_overview(summary):
         lines += ["## Ablations of TD, every ablated setting", "",
                   "Each variant's mean test metric against the default TD's, in percent (positive = "
@@ -483,7 +527,7 @@ def write_report(out: Path) -> Path:
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]
         # (the variants' CKA is in the ablation tables)
-        lines += cka_section(without_variants(results), methods, task, Path(out))
+        lines += cka_section(compared(results), methods, task, Path(out))
     for (task, setting), everything in summary.groupby(["task", "setting"], sort=False):
         group = without_variants(everything)
         lines += [f"## {task} / {setting}", "",
@@ -550,7 +594,7 @@ def readme_block(out: Path) -> str:
     never carries a number typed by hand."""
     results = pd.read_csv(Path(out) / "results.csv")
     summary = summarise(results)
-    methods = without_variants(summary)
+    methods = compared(summary)
     lines = []
     for task, group in methods.groupby("task", sort=False):
         lines += [f"**{task}**", "", overview_table(group), ""]
@@ -568,7 +612,7 @@ def readme_block(out: Path) -> str:
                   gains_table(methods), ""]
         if "td" in set(methods.method):
             lines += ["TD against every method, paired by seed (paired t-test at 5%; n.s.: not "
-                      "significant):", "", versus_table(without_variants(results), methods), ""]
+                      "significant):", "", versus_table(compared(results), methods), ""]
     if ablations := ablation_overview(summary):
         lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
                   "variant is better):", "", ablations, ""]

@@ -28,7 +28,7 @@ CLASSIFICATION_ONLY = {"dkd", "dist"}
 
 def close(value: torch.Tensor, expected: float, tol: float = 1e-5) -> bool:
     """Equal to a relative ``tol`` (the PKT values are small) or 1e-7 absolute."""
-    return value.dim() == 0 and abs(float(value) - expected) <= tol * abs(expected) + 1e-7
+    return value.dim() == 0 and abs(float(value.detach()) - expected) <= tol * abs(expected) + 1e-7
 
 
 # ------------------------------------------------------------------------------ numpy references

@@ -69,6 +69,39 @@ def test_ablation_variants_have_their_own_tables(tmp_path):
     assert "best other method (fitnet)" in block and "| td-m8 | 0." not in block
 
 
+def test_ablation_only_setting_stays_out_of_the_tables_across_methods(tmp_path):
+    """A setting run for the ablations only (scratch, TD and its variants, like text's
+    tweets-1k) has its own section and its ablation column, but no column in the tables
+    across methods: there every other method would be n/a, and TD's average gain would
+    count one setting more than theirs."""
+    from talkingmodels.report import readme_block
+
+    def on(setting, frame):
+        return [{**row, "setting": setting} for row in frame]
+
+    full = (rows("scratch", [1.0, 1.0, 1.0]) + rows("fitnet", [0.95, 0.96, 0.94])
+            + rows("td", [0.9, 0.92, 0.91]))
+    ablated = on("small", rows("scratch", [1.0, 1.0, 1.0]) + rows("td", [0.5, 0.5, 0.5])
+                 + rows("td-m8", [0.6, 0.6, 0.6]))
+    results = pd.DataFrame(on("dense", full) + on("sparse", full) + ablated)
+    results.to_csv(tmp_path / "results.csv", index=False)
+    text = write_report(tmp_path).read_text()
+    gains = text.split("## Relative improvement over scratch")[1].split("## TD against")[0]
+    # td: 9% better than scratch on dense and sparse; "small" (+50%) is not averaged in
+    assert "| method | movielens / dense | movielens / sparse | average |" in gains
+    assert "| td | +9.00% | +9.00% | +9.00% (2) |" in gains
+    versus = text.split("## TD against every method")[1].split("## Ablations")[0]
+    assert "small" not in versus
+    # the ablation overview and the setting's own section keep it
+    assert "| td-m8 | message_dim 8 | -20.00% |" in text  # 0.6 against td's 0.5 in RMSE
+    assert "## movielens / small" in text
+    block = readme_block(tmp_path)
+    assert "small" not in block.split("Ablations:")[0] and "-20.00%" in block
+    # a store of the ablations alone compares scratch and TD on its settings
+    results[results.setting == "small"].to_csv(tmp_path / "results.csv", index=False)
+    assert "| td | 0.5000 | 0.5000 ± 0.0000 | +50.00% |" in readme_block(tmp_path)
+
+
 def test_undistillable_classes_by_hand():
     """Classes whose accuracy logit-kd lowers against scratch (mean over seeds), and each
     method's mean gain in points and CKA on them and on the others."""

@@ -70,8 +70,9 @@ class Split:
 
     def batch(self, index: torch.Tensor | slice) -> Batch:
         sequences = self.lengths is not None
+        lengths = self.lengths[index] if sequences else None
         padded = self.student_inputs[0].shape[1] if sequences else None
-        keep = int(self.lengths[index].max()) if sequences else None
+        keep = int(lengths.max()) if sequences else None
 
         def take(x):  # per-token tensors lose the padding columns past `keep`
             if sequences and x.dim() > 1 and x.shape[1] == padded:
@@ -82,7 +83,6 @@ class Split:
         teacher = student if self.teacher_inputs is None else tuple(take(x) for x in self.teacher_inputs)
         cache = LazyRows(self.teacher_cache, take)
         rows = index if isinstance(index, torch.Tensor) else torch.arange(len(self))[index]
-        lengths = self.lengths[index] if sequences else None
         return Batch(student, teacher, self.target[index], cache, rows, lengths)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,

@@ -163,6 +163,15 @@ def without_variants(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[~frame.method.isin(_variants())]
 
 
+def _ablation_only(frame: pd.DataFrame) -> pd.Series:
+    """Per row: whether its (task, setting) holds TD's ablation variants and no method but
+    scratch and TD, i.e. was run for the ablations only."""
+    variant = frame.method.isin(_variants())
+    other = ~variant & ~frame.method.isin([REFERENCE, "td"])
+    by = [frame.task, frame.setting]
+    return variant.groupby(by).transform("any") & ~other.groupby(by).transform("any")
+
+
 def compared(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of methods on the settings where methods are compared: a setting that holds
     TD's ablation variants and no method but scratch and TD (text's ``tweets-1k``) was run
@@ -170,10 +179,7 @@ def compared(frame: pd.DataFrame) -> pd.DataFrame:
     be n/a for every other method, and TD's average gain would count one more setting than
     theirs); its own section and the ablation tables show it. A store of the ablations
     alone keeps all its settings: scratch and TD are the methods it compares."""
-    variant = frame.method.isin(_variants())
-    other = ~variant & ~frame.method.isin([REFERENCE, "td"])
-    by = [frame.task, frame.setting]
-    ablation_only = variant.groupby(by).transform("any") & ~other.groupby(by).transform("any")
+    variant, ablation_only = frame.method.isin(_variants()), _ablation_only(frame)
     if ablation_only[~variant].all():
         return frame[~variant]
     return frame[~variant & ~ablation_only]
@@ -477,7 +483,8 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
     val = curves[curves.name.str.startswith("val_")]
     for (task, setting), group in val.groupby(["task", "setting"], sort=False):
         variants = group.method.isin(_variants())
-        panels = [("methods", group[~variants])] if (~variants).any() else []
+        # (a setting run for the ablations only has no methods of its own to show)
+        panels = [] if _ablation_only(group).all() else [("methods", group[~variants])]
         if variants.any():
             references = group.method.isin([REFERENCE, "td"])
             panels.append(("TD's ablations", group[variants | references]))

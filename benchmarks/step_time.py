@@ -53,8 +53,9 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
 
     import torch
 
+    from talkingmodels.config import validate
     from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_epoch, train_step
-    from talkingmodels.experiments import ExperimentConfig, build_method, resolve, validate
+    from talkingmodels.experiments import ExperimentConfig, build_method, resolve
 
     torch.set_num_threads(args.threads)
     options = {"data_dir": args.data_dir} if args.data_dir and task == "movielens" else {}
@@ -92,7 +93,7 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
     run = {"epoch": 0}
     for _ in range(args.epochs):
         start = time.perf_counter()
-        train_epoch(distiller, step, prepared.splits, cfg, optimizer, order, run, "main")
+        train_epoch(distiller, step, prepared.splits.train, cfg, optimizer, order, run, "main")
         epochs.append(time.perf_counter() - start)
     return {"task": task, "setting": setting, "method": method, "batch_size": cfg.batch_size,
             "train_examples": len(train), "step_ms": 1000 * statistics.median(times),

@@ -42,8 +42,9 @@ def median_ms(fn, steps: int, warmup: int = 5) -> float:
 
 def profile_task(name: str, args) -> dict:
     from talkingmodels import taps
+    from talkingmodels.config import validate
     from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_step
-    from talkingmodels.experiments import ExperimentConfig, build_method, resolve, validate
+    from talkingmodels.experiments import ExperimentConfig, build_method, resolve
 
     options = {"data_dir": args.data_dir} if args.data_dir and name == "movielens" else {}
     exp = resolve(validate(ExperimentConfig, {
@@ -81,7 +82,7 @@ def profile_task(name: str, args) -> dict:
             heard = heard.contiguous(memory_format=torch.channels_last)
         heard.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            out = taps.run_between(teacher, low, high, heard, *batch.teacher_inputs)
+            out = taps.run_between(teacher, low, high, heard, *batch.teacher_inputs, **batch.teacher_kwargs)
         if grad:  # a dense incoming gradient, as TD's answer encoder sends
             out.backward(torch.randn_like(out))
 

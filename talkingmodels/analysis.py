@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from talkingmodels.errors import UserError
-from talkingmodels.methods.base import pooled as mean_per_example
-from talkingmodels.methods.base import token_mask
+from talkingmodels.states import pooled as mean_per_example
+from talkingmodels.states import token_mask
 
 __all__ = ["cka_heatmap", "linear_cka", "paired_comparison", "per_class_cka", "pooled"]
 
@@ -269,12 +269,19 @@ def pooled_states(model, layer: str, split, side: str = "student", batch_size: i
     was_training = model.training
     model.eval()
     parts = []
+    parameter = next(model.parameters(), None)
+    device, dtype = (parameter.device, parameter.dtype) if parameter is not None else ("cpu", None)
     try:
         for batch in split.batches(batch_size):
-            inputs = batch.student_inputs if side == "student" else batch.teacher_inputs
+            batch = batch.to(device)
+            inputs, kwargs = ((batch.student_inputs, batch.student_kwargs) if side == "student"
+                              else (batch.teacher_inputs, batch.teacher_kwargs))
+            if dtype == torch.bfloat16:  # a teacher held in bf16 reads bf16 images
+                inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
             with taps.capture(model, [layer]) as states:
-                model(*inputs)
-            parts.append(pooled(states[layer], token_mask(batch, states[layer])))
+                model(*inputs, **kwargs)
+            state = states[layer].float()
+            parts.append(pooled(state, token_mask(batch, state)).cpu())
     finally:
         model.train(was_training)
     return torch.cat(parts)

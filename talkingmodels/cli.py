@@ -28,7 +28,7 @@ def cmd_run(args) -> None:
     from talkingmodels.experiments import PeakMemory, load_config, run_experiment
 
     start = time.perf_counter()
-    exp = load_config(args.config)
+    exp = load_config(args.config, train=_train_options(args))
     out = args.out or exp.config.out or Path("runs") / Path(args.config).stem
     with PeakMemory() as memory:
         report = run_experiment(exp, Path(out), **_store_options(args))
@@ -37,7 +37,8 @@ def cmd_run(args) -> None:
 
 def cmd_bench(args) -> None:
     from talkingmodels import distributed, suites
-    from talkingmodels.experiments import ExperimentConfig, PeakMemory, resolve, run_experiment, validate
+    from talkingmodels.config import validate
+    from talkingmodels.experiments import ExperimentConfig, PeakMemory, resolve, run_experiment
     from talkingmodels.tasks import TASKS, get_task
 
     names = sorted(TASKS) if args.task == "all" else [args.task]
@@ -53,7 +54,9 @@ def cmd_bench(args) -> None:
         options["data_dir"] = args.data_dir
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
-    train = {"epochs": args.epochs} if args.epochs is not None else {}
+    train = _train_options(args)
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
     experiments, pieces = [], []
     for task, suite in product(tasks, chosen):  # all validated and resolved before the first run
         config = suites.experiment_config(task, suite, args.seeds)
@@ -77,6 +80,12 @@ def cmd_bench(args) -> None:
                 print(f"{exp.task.name} ({suite}): {time.perf_counter() - begin:.0f} s, "
                       f"peak memory {piece.peak:.2f} GiB")
     _finish(report, start, memory.peak)
+
+
+def _train_options(args) -> dict:
+    """Training values given on the command line (over the config's and the task's)."""
+    return {key: value for key, value in (("device", args.device),
+                                          ("mixed_precision", args.mixed_precision)) if value}
 
 
 def _store_options(args) -> dict:
@@ -117,6 +126,11 @@ def cmd_tasks(_args) -> None:
 
 
 def _add_store_arguments(parser: Parser) -> None:
+    parser.add_argument("--device", help="auto (CUDA when available; the default), cpu, cuda or "
+                        "cuda:N")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                        help="autocast of the forward passes (fp16 with a gradient scaler, CUDA "
+                        "only); default: no")
     parser.add_argument("--resume", action="store_true",
                         help="continue runs that were interrupted (from their checkpoints)")
     parser.add_argument("--force", action="store_true",

@@ -1,10 +1,12 @@
 """The one training loop, shared by every method and task (and the teachers' pre-training).
 
 Per stage of the method: an optimiser over the method's learnable parameters, epochs of
-shuffled mini-batches (the order drawn from the run's seed), the sum of the method's
-named loss terms, and after each epoch the validation metric of the student alone. With
-model selection on, the best epoch's student is kept and training stops after
-``patience`` epochs without improvement. The test metric is measured once, at the end.
+shuffled mini-batches (a :class:`Split`'s order drawn from the run's seed, a DataLoader's
+its own), the sum of the method's named loss terms, and after each epoch the validation
+metric of the student alone. With model selection on, the best epoch's student is kept and
+training stops after ``patience`` epochs without improvement. The test metric is measured
+once, at the end. Device, mixed precision and processes come from one accelerate
+Accelerator (:mod:`talkingmodels.distributed`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import random
+import re
 import signal
 import threading
 import time
@@ -23,13 +27,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
+from tqdm.auto import tqdm
 
 from talkingmodels import distributed, taps
-from talkingmodels.data import Split, Splits
+from talkingmodels.data import Batch, Split, Splits, as_loader, iterate
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save
+from talkingmodels.losses import Metric
+
+# What shapes how a run is computed but not what it learns: left out of cache keys.
+RUNTIME_FIELDS = {"device", "mixed_precision", "teacher_dtype", "deterministic"}
 
 
 class TrainConfig(BaseModel):
@@ -41,26 +50,80 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adam", "adamw"] = "adam"
     patience: int = Field(5, ge=1, description="epochs without validation gain before stopping")
     eval_batch_size: int = Field(8192, ge=1)
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast of the forward passes; fp16 with a gradient scaler (CUDA)")
+    teacher_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the frozen teacher's weights held in this dtype")
+    deterministic: bool = Field(False, description="deterministic algorithms on GPU runs (CPU "
+                                "runs reproduce bit for bit anyway)")
 
-
-@dataclass(frozen=True)
-class Metric:
-    name: str
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    higher_is_better: bool
-
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.higher_is_better else a < b
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(distributed.DEVICE_PATTERN, value):
+            raise ValueError(f"unknown device {value!r}; valid devices: auto, cpu, cuda, cuda:N")
+        return value
 
 
 @dataclass
 class FitResult:
     val: float  # validation metric of the selected student
-    test: float
+    test: float | None  # None without a test split
     best_epoch: int
     epochs: int
     seconds: float
     history: list[dict] = field(default_factory=list)  # one row per epoch
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A phase of training. ``epochs=None`` uses the run's epoch budget; ``select`` turns
+    on early stopping / model selection on the validation metric."""
+
+    name: str
+    epochs: int | None = None
+    select: bool = True
+
+
+class Supervised(nn.Module):
+    """The engine's plain supervised step: a model trained on its task loss alone (how a
+    task pre-trains its teacher). Every distillation method extends it
+    (:class:`talkingmodels.methods.base.Distiller`): ``forward_train(batch)`` returns the
+    prediction and a dict of named, weighted loss terms, which the engine sums."""
+
+    def __init__(self, student: nn.Module,
+                 task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.student = student
+        self.task_loss = task_loss
+        self.stage = "main"
+        self.built = False
+
+    def setup(self, batch: Batch) -> None:
+        """Build what depends on the data (a method's channel modules: their widths come from
+        a probe pass): called once, with a first batch on the run's device, before the
+        optimiser is made."""
+        self.built = True
+
+    def forward(self, *student_inputs: torch.Tensor) -> torch.Tensor:
+        """Inference needs only the student."""
+        return taps.prediction(self.student(*student_inputs))
+
+    def forward_train(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prediction = taps.prediction(batch.run_student(self.student))
+        return prediction, {"task": self.task_loss(prediction, batch.target)}
+
+    def stages(self) -> list[Stage]:
+        return [Stage("main")]
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Submodules that never change (a frozen teacher): left out of checkpoints, held
+        in ``teacher_dtype``."""
+        return {}
 
 
 def seed_everything(seed: int) -> None:
@@ -69,36 +132,62 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+
+
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int = 8192) -> torch.Tensor:
-    """The model's outputs on a whole split, in eval mode (its mode is restored)."""
+def predictions(model: nn.Module, data, batch_size: int = 8192,
+                autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs and the targets on every batch of ``data``, in order and in eval
+    mode (its mode is restored), gathered on the CPU in float32 (run on the model's device)."""
     was_training = model.training
     model.eval()
-    outputs = [taps.prediction(model(*batch.student_inputs)) for batch in split.batches(batch_size)]
+    device, outputs, targets = device_of(model), [], []
+    for batch in iterate(as_loader(data, batch_size, shuffle=False), batch_size):
+        batch = batch.to(device)
+        with autocast():
+            output = taps.prediction(batch.run_student(model))
+        outputs.append(output.float().cpu())
+        targets.append(batch.target.cpu())
     model.train(was_training)
-    return torch.cat(outputs)
+    if not outputs:
+        raise UserError("the evaluation data yielded no batches")
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def predict(model: nn.Module, data, batch_size: int = 8192) -> torch.Tensor:
+    """The model's outputs on a whole split, in eval mode (its mode is restored)."""
+    return predictions(model, data, batch_size)[0]
+
+
+def evaluate(model: nn.Module, data, metric: Metric, batch_size: int = 8192,
+             autocast=contextlib.nullcontext) -> float:
+    return float(metric.fn(*predictions(model, data, batch_size, autocast)))
 
 
 @torch.no_grad()
 def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...],
                        batch_size: int = 8192) -> None:
     """Store the frozen teacher's states at ``layers`` and its output for every example of
-    ``split`` in ``split.teacher_cache``: the teacher is then never run again on it.
-    Nothing to do when the task already filled the cache (e.g. from its disk cache)."""
+    ``split`` in ``split.teacher_cache`` (on the CPU; run on the teacher's device): the
+    teacher is then never run again on it. Nothing to do when the task already filled the
+    cache (e.g. from its disk cache)."""
     if all(key in split.teacher_cache for key in (*layers, "output")):
         return
     parts: dict[str, list[torch.Tensor]] = {}
     teacher.eval()
+    device = device_of(teacher)
+    width = None if split.lengths is None else int(split.lengths.max())
     for batch in split.batches(batch_size):
+        batch = batch.to(device)
         with taps.capture(teacher, layers) as states:
-            output = taps.prediction(teacher(*batch.teacher_inputs))
+            output = taps.prediction(batch.run_teacher(teacher))
         for key, value in {**states, "output": output}.items():
-            parts.setdefault(key, []).append(value)
+            if width is not None and value.dim() == 3:  # token states: back to the split's width
+                value = nn.functional.pad(value, (0, 0, 0, width - value.shape[1]))
+            parts.setdefault(key, []).append(value.cpu())
     split.teacher_cache = {key: torch.cat(values) for key, values in parts.items()}
-
-
-def evaluate(model: nn.Module, split: Split, metric: Metric, batch_size: int = 8192) -> float:
-    return float(metric.fn(predict(model, split, batch_size), split.target))
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -110,24 +199,57 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _state(method: nn.Module, optimizer, order: torch.Generator, run: dict,
-           fingerprint: dict | None) -> dict:
-    """Everything a checkpoint holds. The frozen teacher is left out: it never changes, and
-    it can be large."""
-    frozen = not method.config.unfreeze_teacher
-    own = {k: v for k, v in method.state_dict().items() if not (frozen and k.startswith("teacher."))}
+def _loader_generators(data) -> list[torch.Generator]:
+    """The generators a DataLoader draws its order from (its own, its sampler's), besides the
+    global one: a checkpoint saves their states, so a resumed run sees the same order."""
+    found = []
+    for owner in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
+                  getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _order_state(order: torch.Generator, data) -> dict:
+    """Where the data order stands: the Split order's generator, a loader's generators and
+    the global RNG (a loader without a generator of its own draws from it)."""
+    return {"order": order.get_state(), "loader": [g.get_state() for g in _loader_generators(data)],
+            "rng": _rng_state()}
+
+
+def _set_order_state(order: torch.Generator, data, state: dict) -> None:
+    order.set_state(state["order"])
+    for generator, saved in zip(_loader_generators(data), state["loader"], strict=False):
+        generator.set_state(saved)
+    _set_rng_state(state["rng"])
+
+
+def _state(method: Supervised, optimizer, order: torch.Generator, data, run: dict,
+           fingerprint: dict | None, scaler) -> dict:
+    """Everything a checkpoint holds. Frozen modules (the teacher) are left out: they never
+    change, and they can be large."""
+    frozen = tuple(f"{name}." for name in method.frozen_modules())
+    own = {k: v for k, v in method.state_dict().items() if not k.startswith(frozen or ("\0",))}
     return {"method": own, "optimizer": optimizer.state_dict(), "order": order.get_state(),
-            "rng": _rng_state(), "run": run, "fingerprint": fingerprint}
+            "loader": [g.get_state() for g in _loader_generators(data)],
+            "rng": _rng_state(), "run": run, "fingerprint": fingerprint,
+            "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 def _changes(old, new, prefix: str = "") -> list[str]:
@@ -195,83 +317,149 @@ def _stop_requests(enabled: bool):
             signal.signal(sig, handler)
 
 
-def fit(method: nn.Module, splits: Splits, metric: Metric, cfg: TrainConfig, seed: int,
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """``torch.use_deterministic_algorithms`` (and the cuBLAS workspace it needs) for the
+    block; the previous setting is restored afterwards."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def first_batch(data, batch_size: int) -> Batch:
+    """A few examples of ``data`` to build a method from, without moving the global RNG or
+    the loader's own generators (fetching a shuffled loader's first batch draws from them)."""
+    if isinstance(data, Split):
+        return data.batch(slice(0, 4))
+    generators = _loader_generators(data)
+    saved = [g.get_state() for g in generators]
+    with torch.random.fork_rng(devices=[]):
+        batch = next(iterate(data, batch_size), None)
+    for generator, state in zip(generators, saved, strict=True):
+        generator.set_state(state)
+    if batch is None:
+        raise UserError("the training data yielded no batches")
+    return batch
+
+
+def place(method: Supervised, device: torch.device, teacher_dtype: str = "float32") -> None:
+    """The method's modules on ``device``; frozen ones (the teacher) in ``teacher_dtype``."""
+    method.to(device)
+    dtype = getattr(torch, teacher_dtype)
+    for module in method.frozen_modules().values():
+        module.to(dtype=dtype)
+
+
+def fit(method: Supervised, splits: Splits, metric: Metric, cfg: TrainConfig, seed: int,
         on_epoch: Callable[[dict], None] | None = None,
         checkpoint: Path | None = None,
         on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
         fingerprint: dict | None = None,
-        distribute: bool = False) -> FitResult:
-    """Train ``method`` (a Distiller) and return the selected student's metrics.
+        distribute: bool = False,
+        progress: bool = False) -> FitResult:
+    """Train ``method`` (a :class:`Supervised` step or a Distiller) and return the selected
+    student's metrics.
 
-    ``method.student`` is left holding the selected weights. With ``checkpoint``, the full
-    training state (method, optimiser, RNGs, data order, best-so-far) is written there after
-    every epoch and, mid-epoch, on SIGINT/SIGTERM (then :class:`Interrupted` is raised); a run
-    whose checkpoint exists continues from it, ending exactly as the uninterrupted run would
-    (same seed, CPU), unless its ``fingerprint`` (the run's config) differs: that is an error.
-    ``on_step(step, terms)`` sees every step's loss terms. With ``distribute`` and a process
-    group (see :mod:`talkingmodels.distributed`), training runs on DDP and only the main
-    process writes the checkpoint.
+    ``splits`` holds the training, validation and (or None) test data: each a :class:`Split`
+    or any iterable of batches (see :mod:`talkingmodels.data`). The method is built from the
+    first training batch when it was not yet, on ``cfg.device``. ``method.student`` is left
+    holding the selected weights, in eval mode. With ``checkpoint``, the full training state
+    (method, optimiser, RNGs, data order, best-so-far) is written there after every epoch
+    and, mid-epoch, on SIGINT/SIGTERM (then :class:`Interrupted` is raised); a run whose
+    checkpoint exists continues from it, ending exactly as the uninterrupted run would (same
+    seed, CPU), unless its ``fingerprint`` (the run's config) differs: that is an error.
+    ``on_step(step, terms)`` sees every step's loss terms. With ``distribute`` under a
+    launcher, training runs on DDP and only the main process writes the checkpoint.
+    ``progress`` shows a bar of the epochs with the loss and validation metric.
     """
     start = time.perf_counter()
+    acc = distributed.accelerator(cfg.device, cfg.mixed_precision)
+    multi = distribute and distributed.launched()
+    train = as_loader(splits.train, cfg.batch_size, shuffle=True)
+    val = as_loader(splits.val, cfg.eval_batch_size, shuffle=False)
+    test = None if splits.test is None else as_loader(splits.test, cfg.eval_batch_size, shuffle=False)
     order = torch.Generator().manual_seed(seed)
     run = {"stage": 0, "stage_epoch": 0, "epoch": 0, "stale": 0, "done": False,
            "best_val": None, "best_epoch": 0, "best_state": None, "history": []}
-    saved, partial = None, None
-    if checkpoint is not None and Path(checkpoint).exists():
-        saved = load_checkpoint(Path(checkpoint), fingerprint)
-        keys = method.load_state_dict(saved["method"], strict=False)
-        if keys.unexpected_keys or any(not k.startswith("teacher.") for k in keys.missing_keys):
-            raise UserError(f"checkpoint {checkpoint} belongs to another model or method")
-        order.set_state(saved["order"])
-        _set_rng_state(saved["rng"])
-        run, partial = saved["run"], saved.get("partial")
-    stages = method.stages()
-    acc = distributed.accelerator() if distribute else None
-    writes = checkpoint is not None and (acc is None or acc.is_main_process)
-    # A mid-epoch pause needs every process to stop at the same step: single process only.
-    with _stop_requests(checkpoint is not None and acc is None) as stop:
-        for index in range(run["stage"], len(stages)):
-            stage = stages[index]
-            method.stage = stage.name
-            step = TrainStep(method) if acc is None else acc.prepare_model(TrainStep(method))
-            optimizer = make_optimizer(method.learnable_parameters(), cfg)
-            if saved is not None and index == saved["run"]["stage"]:
-                optimizer.load_state_dict(saved["optimizer"])
-            else:
-                run.update(stage=index, stage_epoch=0, stale=0, done=False)
-            budget = stage.epochs or cfg.epochs
-            while not run["done"] and run["stage_epoch"] < budget:
-                if partial is None:  # else: finish the epoch that was interrupted
-                    run["epoch"] += 1
-                    run["stage_epoch"] += 1
-                row = train_epoch(method, step, splits, cfg, optimizer, order, run, stage.name,
-                                   partial, stop, on_step, acc)
-                partial = None
-                if "paused" in row:
-                    atomic_save({**_state(method, optimizer, order, run, fingerprint),
-                                 "partial": row["paused"]}, Path(checkpoint))
-                    raise Interrupted(f"interrupted in epoch {run['epoch']}; the run's state is "
-                                      f"in {checkpoint}: run the same command with --resume to "
-                                      "continue it")
-                val = evaluate(method.student, splits.val, metric, cfg.eval_batch_size)
-                row[f"val_{metric.name}"] = val
-                run["history"].append(row)
-                if stage.select:
-                    if run["best_val"] is None or metric.better(val, run["best_val"]):
-                        run.update(best_val=val, best_epoch=run["epoch"], stale=0,
-                                   best_state=copy.deepcopy(method.student.state_dict()))
-                    else:
-                        run["stale"] += 1
-                        run["done"] = run["stale"] >= cfg.patience
-                if writes:
-                    atomic_save(_state(method, optimizer, order, run, fingerprint), Path(checkpoint))
-                if on_epoch:
-                    on_epoch(row)
-    if run["best_state"] is None:
-        raise UserError("the method has no stage with model selection; nothing to report")
-    method.student.load_state_dict(run["best_state"])
-    test = evaluate(method.student, splits.test, metric, cfg.eval_batch_size)
-    return FitResult(run["best_val"], test, run["best_epoch"], run["epoch"],
+    with _deterministic(cfg.deterministic and acc.device.type == "cuda"):
+        place(method, acc.device)
+        if not method.built:
+            method.setup(first_batch(train, cfg.batch_size).to(acc.device))
+        place(method, acc.device, cfg.teacher_dtype)
+        saved, partial = None, None
+        if checkpoint is not None and Path(checkpoint).exists():
+            saved = load_checkpoint(Path(checkpoint), fingerprint)
+            keys = method.load_state_dict(saved["method"], strict=False)
+            frozen = tuple(f"{name}." for name in method.frozen_modules()) or ("\0",)
+            if keys.unexpected_keys or any(not k.startswith(frozen) for k in keys.missing_keys):
+                raise UserError(f"checkpoint {checkpoint} belongs to another model or method")
+            _set_order_state(order, train, saved)
+            if acc.scaler is not None and saved.get("scaler"):
+                acc.scaler.load_state_dict(saved["scaler"])
+            run, partial = saved["run"], saved.get("partial")
+        stages = method.stages()
+        writes = checkpoint is not None and distributed.is_main()
+        bar = tqdm(desc="epochs", unit="epoch", disable=not (progress and distributed.is_main()),
+                   total=sum(stage.epochs or cfg.epochs for stage in stages), initial=run["epoch"])
+        # A mid-epoch pause needs every process to stop at the same step: single process only.
+        with _stop_requests(checkpoint is not None and not multi) as stop, bar:
+            for index in range(run["stage"], len(stages)):
+                stage = stages[index]
+                method.stage = stage.name
+                step = acc.prepare_model(TrainStep(method)) if multi else TrainStep(method)
+                optimizer = make_optimizer(method.learnable_parameters(), cfg)
+                if saved is not None and index == saved["run"]["stage"]:
+                    optimizer.load_state_dict(saved["optimizer"])
+                else:
+                    run.update(stage=index, stage_epoch=0, stale=0, done=False)
+                budget = stage.epochs or cfg.epochs
+                while not run["done"] and run["stage_epoch"] < budget:
+                    if partial is None:  # else: finish the epoch that was interrupted
+                        run["epoch"] += 1
+                        run["stage_epoch"] += 1
+                    row = train_epoch(method, step, train, cfg, optimizer, order, run, stage.name,
+                                      partial, stop, on_step, acc if multi else None, acc)
+                    partial = None
+                    if "paused" in row:
+                        atomic_save({**_state(method, optimizer, order, train, run, fingerprint,
+                                              acc.scaler), "partial": row["paused"]}, Path(checkpoint))
+                        raise Interrupted(f"interrupted in epoch {run['epoch']}; the run's state is "
+                                          f"in {checkpoint}: run the same command with --resume to "
+                                          "continue it")
+                    val_metric = evaluate(method.student, val, metric, cfg.eval_batch_size, acc.autocast)
+                    row[f"val_{metric.name}"] = val_metric
+                    run["history"].append(row)
+                    if stage.select:
+                        if run["best_val"] is None or metric.better(val_metric, run["best_val"]):
+                            run.update(best_val=val_metric, best_epoch=run["epoch"], stale=0,
+                                       best_state=copy.deepcopy(method.student.state_dict()))
+                        else:
+                            run["stale"] += 1
+                            run["done"] = run["stale"] >= cfg.patience
+                    if writes:
+                        atomic_save(_state(method, optimizer, order, train, run, fingerprint,
+                                           acc.scaler), Path(checkpoint))
+                    bar.update(1 + (budget - run["stage_epoch"] if run["done"] else 0))
+                    bar.set_postfix({"loss": sum(v for k, v in row.items() if k.startswith("loss_")),
+                                     metric.name: val_metric}, refresh=False)
+                    if on_epoch:
+                        on_epoch(row)
+        if multi:
+            acc.free_memory()  # the Accelerator keeps a reference to every model it prepared
+        if run["best_state"] is None:
+            raise UserError("the method has no stage with model selection; nothing to report")
+        method.student.load_state_dict(run["best_state"])
+        method.eval()
+        result = None if test is None else evaluate(method.student, test, metric,
+                                                     cfg.eval_batch_size, acc.autocast)
+    return FitResult(run["best_val"], result, run["best_epoch"], run["epoch"],
                      time.perf_counter() - start, run["history"])
 
 
@@ -279,56 +467,79 @@ class NumericalFault(Exception):
     """A loss term became NaN or infinite; the message names the term, epoch and step."""
 
 
-def train_step(step, batch, optimizer) -> dict[str, torch.Tensor]:
+def train_step(step, batch: Batch, optimizer, acc=None) -> dict[str, torch.Tensor]:
     """One optimisation step on ``batch``: the summed loss terms of ``step`` (a
-    :class:`TrainStep`, DDP-wrapped or not) back-propagated; the terms, detached."""
-    _, terms = step(batch)
+    :class:`TrainStep`, DDP-wrapped or not) back-propagated, under the Accelerator's
+    autocast and gradient scaler when ``acc`` is given; the terms, detached."""
+    with acc.autocast() if acc is not None else contextlib.nullcontext():
+        _, terms = step(batch)
     optimizer.zero_grad(set_to_none=True)
-    sum(terms.values()).backward()
-    optimizer.step()
+    loss = sum(terms.values())
+    scaler = acc.scaler if acc is not None else None
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:  # fp16: scaled gradients; a step with overflowed gradients is skipped
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return {name: value.detach() for name, value in terms.items()}
 
 
-def train_epoch(method, step, splits: Splits, cfg: TrainConfig, optimizer, order: torch.Generator,
-                 run: dict, stage: str, partial: dict | None = None, stop: dict | None = None,
-                 on_step=None, acc=None) -> dict:
-    """One pass over the shuffled training split; the mean of each loss term.
+def train_epoch(method, step, data, cfg: TrainConfig, optimizer, order: torch.Generator,
+                run: dict, stage: str, partial: dict | None = None, stop: dict | None = None,
+                on_step=None, ddp=None, acc=None) -> dict:
+    """One pass over the shuffled training data; the mean of each loss term.
 
-    ``step`` is the method's training forward (DDP-wrapped when ``acc`` is set: then this
+    ``step`` is the method's training forward (DDP-wrapped when ``ddp`` is set: then this
     process trains on its shard of every global batch). Non-finite terms are tracked with
     tensor ops (the first bad step per term) and checked once at the end of the epoch, so
     the loop never waits on a per-step host sync. When ``stop["stop"]`` turns true the pass
     pauses at the next step boundary and returns ``{"paused": ...}``, what ``partial``
-    needs to finish this same epoch later.
+    needs to finish this same epoch later: the epoch's data order is replayed and the steps
+    already done are skipped.
     """
     method.train()
-    if partial is not None:  # replay the epoch's data order, skip the steps already done
-        order.set_state(partial["order_start"])
-    order_start = order.get_state()
+    device = acc.device if acc is not None else torch.device("cpu")
+    if partial is not None:  # replay the epoch's data order, then continue the paused RNGs
+        paused = _rng_state()
+        _set_order_state(order, data, partial["order_start"])
+    start_state = _order_state(order, data)
     sums: dict[str, torch.Tensor] = dict(partial["sums"]) if partial else {}
     first_bad: dict[str, torch.Tensor] = dict(partial["first_bad"]) if partial else {}
     steps = partial["steps"] if partial else 0
-    shard = distributed.shard() if acc is not None else (0, 1)
-    for batch in itertools.islice(splits.train.batches(cfg.batch_size, order, shard), steps, None):
+    shard = distributed.shard() if ddp is not None else (0, 1)
+    batches = iterate(data, cfg.batch_size, order, shard)
+    if partial is not None:
+        for _ in itertools.islice(batches, steps):  # the steps already done
+            pass
+        _set_rng_state(paused)  # go on with the RNGs where the pause left them
+    while True:
+        # (asked before the next batch is fetched: a loader that draws from the global RNG
+        # then fetches it from the saved state when the run resumes)
         if stop is not None and stop["stop"]:
-            return {"paused": {"order_start": order_start, "steps": steps, "sums": sums,
+            return {"paused": {"order_start": start_state, "steps": steps, "sums": sums,
                                "first_bad": first_bad}}
-        terms = train_step(step, batch, optimizer)
+        batch = next(batches, None)
+        if batch is None:
+            break
+        terms = train_step(step, batch.to(device), optimizer, acc)
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value
-            seen = first_bad.get(name, torch.tensor(-1))
-            first_bad[name] = torch.where((seen < 0) & ~torch.isfinite(value),
-                                          torch.tensor(steps), seen)
+            sums[name] = sums.get(name, 0.0) + value.float()
+            seen = first_bad.get(name, torch.full((), -1, device=value.device))
+            first_bad[name] = torch.where((seen < 0) & ~torch.isfinite(value), steps, seen)
         steps += 1
         if on_step is not None:
             on_step(run.get("step", 0) + steps, terms)
+    if steps == 0:
+        raise UserError("the training data yielded no batches")
     run["step"] = run.get("step", 0) + steps
-    if acc is not None:  # every process must see the same faults and mean losses
+    if ddp is not None:  # every process must see the same faults and mean losses
         sums = {k: distributed.all_reduce(torch.as_tensor(v)) / shard[1] for k, v in sums.items()}
-        never = torch.tensor(2**62)
+        never = 2**62
         first_bad = {k: distributed.all_reduce(torch.where(v < 0, never, v), "min")
                      for k, v in first_bad.items()}
-        first_bad = {k: torch.where(v == never, torch.tensor(-1), v) for k, v in first_bad.items()}
+        first_bad = {k: torch.where(v == never, -1, v) for k, v in first_bad.items()}
     faults = {name: int(step) for name, step in first_bad.items() if int(step) >= 0}
     if faults:
         name = min(faults, key=faults.get)

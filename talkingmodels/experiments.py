@@ -30,22 +30,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from talkingmodels import analysis, distributed
+from talkingmodels.config import validate
 from talkingmodels.engine import (
     NumericalFault,
     TrainConfig,
+    device_of,
     fit,
     load_checkpoint,
+    place,
     precompute_teacher,
     predict,
     seed_everything,
 )
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save, atomic_write_text
-from talkingmodels.methods import ModelPair, get_method, supports
+from talkingmodels.methods import get_method, supports
+from talkingmodels.states import ModelPair
 from talkingmodels.tasks import Prepared, Task, get_task
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
@@ -90,23 +94,6 @@ class ExperimentConfig(BaseModel):
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
-def describe(error: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
-    """One line for the first problem pydantic found, naming the valid keys on a typo."""
-    first = error.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden" and model is not None:
-        valid = ", ".join(model.model_fields)
-        return f"{where}: unknown key {loc!r}; valid keys: {valid}"
-    return f"{where}: {loc}: {first['msg']} (got {first.get('input')!r})"
-
-
-def validate(model: type[BaseModel], data, where: str):
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise UserError(describe(error, where, model)) from None
-
-
 @dataclass
 class Experiment:
     """A config with every name resolved and every option validated."""
@@ -139,11 +126,14 @@ def resolve(config: ExperimentConfig) -> Experiment:
     # The task's defaults (per setting where they differ), under the config's own values.
     train = {s: validate(TrainConfig, {**task.default_train, **task.setting_train.get(s, {}),
                                        **config.train}, "train") for s in settings}
+    for cfg in train.values():  # a device or precision this machine lacks: before any work
+        distributed.check_precision(distributed.resolve_device(cfg.device), cfg.mixed_precision)
     return Experiment(config, task, settings, methods, train, config.seed_list())
 
 
-def load_config(path: Path, overrides: dict | None = None) -> Experiment:
-    """Read, validate and resolve a YAML experiment; every mistake is one UserError line."""
+def load_config(path: Path, overrides: dict | None = None, train: dict | None = None) -> Experiment:
+    """Read, validate and resolve a YAML experiment; every mistake is one UserError line.
+    ``overrides`` replace top-level keys, ``train`` values are set over the config's own."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -155,19 +145,27 @@ def load_config(path: Path, overrides: dict | None = None) -> Experiment:
     if not isinstance(data, dict):
         raise UserError(f"config {path} must be a YAML mapping with at least a 'task' key")
     data.update(overrides or {})
+    if train:
+        if not isinstance(data.get("train", {}), dict):
+            raise UserError(f"config {path}: train must be a mapping of training options")
+        data["train"] = {**data.get("train", {}), **train}
     return resolve(validate(ExperimentConfig, data, f"config {path}"))
 
 
 # ------------------------------------------------------------------------------ running
 def build_method(prepared: Prepared, cls: type, options, seed: int):
-    """The student (identically initialised for every method of one seed) and the method."""
+    """The student (identically initialised for every method of one seed) and the method,
+    its own modules built from the training split's first rows (on the teacher's device)."""
     seed_everything(seed)
     student = prepared.build_student()
     teacher = copy.deepcopy(prepared.teacher) if options.unfreeze_teacher else prepared.teacher
     pair = ModelPair(student, teacher, prepared.student_layers, prepared.teacher_layers,
                      prepared.output, prepared.task_loss)
-    example = prepared.splits.train.batch(slice(0, 4))
-    return cls(pair, options, example)
+    method = cls(pair, options)
+    device = device_of(teacher)
+    place(method, device)
+    method.setup(prepared.splits.train.batch(slice(0, 4)).to(device))
+    return method
 
 
 def _csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:

@@ -1,9 +1,10 @@
-"""Pure loss functions. Each one is unit-tested against hand-computed values."""
+"""Pure loss functions and metrics. Each one is unit-tested against hand-computed values."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,22 @@ def rmse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max equals the integer target (a metric)."""
     return (logits.argmax(dim=-1) == target).float().mean()
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric of (predictions, targets) and the direction in which it improves."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    higher_is_better: bool
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+
+ACCURACY = Metric("accuracy", accuracy, higher_is_better=True)
+RMSE = Metric("rmse", rmse, higher_is_better=False)
 
 
 # ------------------------------------------------------------------ modern KD baselines

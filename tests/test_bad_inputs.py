@@ -52,11 +52,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------------ the cases
-def run_with(change=None, extra=()):
-    """A case running ``talkingmodels run`` on the config after ``change(config, tmp_path)``."""
+def run_with(change=None, extra=(), names=()):
+    """A case running ``talkingmodels run`` on the config after ``change(config, tmp_path)``
+    (which returns the names the message must hold, else ``names``)."""
     def case(config, tmp_path, store):
-        names = change(config, tmp_path) if change else []
-        return ["run", write(tmp_path / "exp.yaml", config), "--out", store, *extra], names
+        named = change(config, tmp_path) if change else list(names)
+        return ["run", write(tmp_path / "exp.yaml", config), "--out", store, *extra], named
     return case
 
 
@@ -95,7 +96,12 @@ def missing_data(config, tmp_path):
     (tmp_path / "empty").mkdir()
     config["task_options"].update(data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c"),
                                   download=False)
-    return ["MovieLens-100K not found", str(tmp_path / "empty"), "u.data"]
+    return ["data_dir", str(tmp_path / "empty"), "does not hold u.data and u.item"]
+
+
+def absent_data_dir(config, tmp_path):
+    config["task_options"].update(data_dir=str(tmp_path / "absent"), cache_dir=str(tmp_path / "c"))
+    return ["data_dir", str(tmp_path / "absent"), "does not exist"]
 
 
 def out_is_a_file(config, tmp_path, store):
@@ -198,6 +204,12 @@ CASES = {
                                        "'mlp.4' must run before", "'mlp.1'"),
     # data
     "missing data": run_with(missing_data),
+    "data_dir that does not exist": run_with(absent_data_dir),
+    "unknown device": run_with(extra=("--device", "gpu"), names=("'gpu'", "auto, cpu, cuda, cuda:N")),
+    "CUDA device that does not exist": run_with(extra=("--device", "cuda:3"), names=("'cuda:3'",)),
+    "fp16 on the CPU": run_with(extra=("--device", "cpu", "--mixed-precision", "fp16"),
+                                names=("'fp16'", "no, bf16")),
+    "unknown device in the config": setting("train.device", "tpu", "'tpu'", "auto, cpu, cuda, cuda:N"),
     "u.data with text in a column": data_files("1\t1\tfive\t881250949\n", None, "malformed", "u.data"),
     "u.data with 2 columns": data_files("1\t1\n2\t3\n", None, "malformed", "u.data"),
     "u.item without genre flags": data_files(None, "1|Film|01-Jan-1995||http://x|0|1\n",

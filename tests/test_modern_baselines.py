@@ -19,8 +19,8 @@ from torch import nn
 from talkingmodels import losses
 from talkingmodels.data import Batch, Split
 from talkingmodels.errors import UserError
-from talkingmodels.methods import METHODS, ModelPair, supports
-from talkingmodels.methods.base import pooled
+from talkingmodels.methods import METHODS, supports
+from talkingmodels.states import ModelPair, pooled
 
 NEW = ["dkd", "dist", "rkd", "pkt", "crd", "kd-modules"]
 CLASSIFICATION_ONLY = {"dkd", "dist"}
@@ -273,7 +273,9 @@ def build(name: str, kind: str = "mlp", seed: int = 0, **options):
     pair, batch = toy(kind, seed)
     cls = METHODS[name]
     torch.manual_seed(seed)
-    return cls(pair, cls.Config(**options), batch), batch
+    method = cls(pair, cls.Config(**options))
+    method.setup(batch)
+    return method, batch
 
 
 def test_relational_methods_pool_over_real_tokens_only():
@@ -504,7 +506,8 @@ class Killed(Exception):
 def test_crd_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     """Through the engine: its checkpoints hold the method's state dict, bank included."""
     from talkingmodels.data import Split, Splits
-    from talkingmodels.engine import Metric, TrainConfig, fit
+    from talkingmodels.engine import TrainConfig, fit
+    from talkingmodels.losses import Metric
 
     data = torch.Generator().manual_seed(3)
     x, y = torch.randn(120, 5, generator=data), torch.randint(3, (120,), generator=data)

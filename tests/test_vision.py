@@ -113,8 +113,15 @@ def test_missing_and_malformed_data(tmp_path, monkeypatch):
     folder = tmp_path / "fm"
     shutil.copytree(find_data(VisionConfig(download=False), tmp_path), folder)  # the real files
     monkeypatch.setattr(vision, "SYSTEM_DIR", tmp_path / "nowhere")
-    with pytest.raises(UserError, match="Fashion-MNIST not found.*empty.*dataset-fashion-mnist"):
+    with pytest.raises(UserError, match="Fashion-MNIST not found.*nowhere.*dataset-fashion-mnist"):
+        find_data(VisionConfig(download=False), tmp_path / "c")
+    # a folder the user named is never silently replaced by the packaged data
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="data_dir .*empty does not exist"):
         find_data(VisionConfig(data_dir=tmp_path / "empty", download=False), tmp_path / "c")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="data_dir .*empty does not hold Fashion-MNIST"):
+        find_data(VisionConfig(data_dir=tmp_path / "empty"), tmp_path / "c")
     labels = folder / "t10k-labels-idx1-ubyte.gz"
     labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:-10]))  # truncated
     with pytest.raises(UserError, match="malformed Fashion-MNIST file .*t10k-labels.*checksum"):

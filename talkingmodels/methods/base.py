@@ -1,16 +1,16 @@
 """The interface every distillation method implements (after mdistiller's Distiller).
 
 A method holds the student, the frozen teacher and its own extra modules. The engine
-calls ``forward_train(batch)``, which returns the student's prediction and a dict of
-named, already weighted loss terms; the engine sums them. A method never knows which
-task it runs on: everything task-specific arrives in a :class:`ModelPair`.
+calls ``setup(batch)`` once with a first batch (a method builds its modules from the
+widths it sees there), then ``forward_train(batch)``, which returns the student's
+prediction and a dict of named, already weighted loss terms; the engine sums them. A
+method never knows which task it runs on: everything task-specific arrives in a
+:class:`~talkingmodels.states.ModelPair`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,31 +18,11 @@ from torch import nn
 
 from talkingmodels import taps
 from talkingmodels.data import Batch
+from talkingmodels.engine import Stage, Supervised
 from talkingmodels.errors import UserError
+from talkingmodels.states import ModelPair, OutputKind, feature_dim, pooled, token_mask
 
-OutputKind = Literal["regression", "classification"]
-
-
-@dataclass
-class ModelPair:
-    """What a task hands to a method: the two models, their tapped layers, the task loss."""
-
-    student: nn.Module
-    teacher: nn.Module
-    student_layers: tuple[str, str]  # (l, h): l runs before h
-    teacher_layers: tuple[str, str]
-    output: OutputKind
-    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A phase of training. ``epochs=None`` uses the run's epoch budget; ``select`` turns
-    on early stopping / model selection on the validation metric."""
-
-    name: str
-    epochs: int | None = None
-    select: bool = True
+__all__ = ["Distiller", "MethodConfig", "ModelPair", "Stage", "supports"]
 
 
 class MethodConfig(BaseModel):
@@ -52,68 +32,55 @@ class MethodConfig(BaseModel):
     unfreeze_teacher: bool = False
 
 
-def feature_dim(state: torch.Tensor) -> int:
-    """Width of a hidden state: channels for images (batch, C, H, W), else the last dim."""
-    return state.shape[1] if state.dim() == 4 else state.shape[-1]
-
-
-def pooled(state: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One vector per example: the mean over the positions of an image state (batch, C, H, W)
-    or over the tokens of a sequence state (batch, tokens, dim), only the real ones when a
-    ``mask`` (batch, tokens) is given (:meth:`Distiller.pooled_states` builds it from the
-    batch's lengths); other states are flattened. Differentiable: the text models pool with it too."""
-    if state.dim() == 4:
-        return state.mean(dim=(2, 3))
-    if state.dim() == 3:
-        if mask is None:
-            return state.mean(dim=1)
-        weights = mask.unsqueeze(-1).to(state.dtype)
-        return (state * weights).sum(1) / weights.sum(1).clamp(min=1)
-    return state.flatten(1)
-
-
-def token_mask(batch: Batch, state: torch.Tensor) -> torch.Tensor | None:
-    """(batch, tokens) mask of the real tokens of a sequence state, from the batch's
-    lengths; None for states that are not token sequences or batches without lengths."""
-    if batch.lengths is None or state.dim() != 3:
-        return None
-    return torch.arange(state.shape[1], device=state.device) < batch.lengths.to(state.device)[:, None]
-
-
 def supports(cls: type[Distiller], output: OutputKind) -> bool:
     """Whether the method class ``cls`` applies to a task whose student predicts ``output``."""
     return output in cls.outputs
 
 
-class Distiller(nn.Module):
+def _as_float(tensor: torch.Tensor) -> torch.Tensor:
+    """A teacher held in bf16 hands its states on in float32 (a no-op for float32)."""
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+class Distiller(Supervised):
     """Base class: plain supervised training of the student (the ``scratch`` method)."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     # The output kinds the method has a meaning for (class-distribution methods need logits).
     outputs: ClassVar[tuple[OutputKind, ...]] = ("regression", "classification")
+    # Whether the method reads the models' hidden states at their (l, h) layers.
+    needs_layers: ClassVar[bool] = False
 
-    def __init__(self, pair: ModelPair, config: MethodConfig, example: Batch):
+    def __init__(self, pair: ModelPair, config: MethodConfig):
+        name = getattr(self, "name", type(self).__name__)
         if not supports(type(self), pair.output):
-            name = getattr(self, "name", type(self).__name__)
             raise UserError(f"method {name!r} does not apply to a task with {pair.output} outputs "
                             f"(it needs {' or '.join(self.outputs)} outputs)")
-        super().__init__()
+        if self.needs_layers:  # named layers are checked before anything runs
+            for side, model, layers in (("student", pair.student, pair.student_layers),
+                                        ("teacher", pair.teacher, pair.teacher_layers)):
+                if layers is None or len(layers) != 2:
+                    names = ", ".join(taps.module_names(model)[:6])
+                    raise UserError(f"method {name!r} reads hidden states: give {side}_layers as "
+                                    f"two module names (l, h) of the {side} (its first: {names})")
+                for layer in layers:
+                    taps.get_module(model, layer)
+        super().__init__(pair.student, pair.task_loss)
         self.pair = pair
         self.config = config
-        self.student = pair.student
         self.teacher = pair.teacher
         self.teacher.requires_grad_(config.unfreeze_teacher)
-        self.stage = "main"
 
     # ----------------------------------------------------------------- training API
-    def forward(self, *student_inputs: torch.Tensor) -> torch.Tensor:
-        """Inference needs only the student."""
-        return taps.prediction(self.student(*student_inputs))
+    def setup(self, batch: Batch) -> None:
+        if not self.built:
+            self.build(batch)
+        super().setup(batch)
 
-    def forward_train(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        prediction = taps.prediction(self.student(*batch.student_inputs))
-        return prediction, {"task": self.pair.task_loss(prediction, batch.target)}
+    def build(self, batch: Batch) -> None:
+        """Build the method's own modules from a first batch (their widths come from a probe
+        pass of the models); subclasses extend it."""
 
     def stages(self) -> list[Stage]:
         return [Stage("main")]
@@ -132,6 +99,9 @@ class Distiller(nn.Module):
             params += list(self.teacher.parameters())
         return params
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {} if self.config.unfreeze_teacher else {"teacher": self.teacher}
+
     def extra_parameter_count(self) -> int:
         """Trainable parameters a method adds beyond the student (its training-time cost)."""
         own = {id(p) for p in self.student.parameters()} | {id(p) for p in self.teacher.parameters()}
@@ -141,11 +111,34 @@ class Distiller(nn.Module):
     def student_states(self, batch: Batch, layers: tuple[str, ...]):
         """Student prediction and its states at ``layers`` (with gradients)."""
         with taps.capture(self.student, layers) as states:
-            prediction = taps.prediction(self.student(*batch.student_inputs))
+            prediction = taps.prediction(batch.run_student(self.student))
         return prediction, states
 
+    def _teacher_dtype(self) -> torch.dtype:
+        return next(self.teacher.parameters(), torch.empty(0)).dtype
+
+    def run_teacher(self, batch: Batch):
+        """The teacher on the batch's teacher inputs, float inputs cast to its dtype."""
+        dtype = self._teacher_dtype()
+        if dtype == torch.float32:
+            return batch.run_teacher(self.teacher)
+
+        def cast(x):
+            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        return self.teacher(*map(cast, batch.teacher_inputs),
+                            **{k: cast(v) for k, v in batch.teacher_kwargs.items()})
+
+    def teacher_between(self, low: str, high: str | None, state: torch.Tensor,
+                        batch: Batch) -> torch.Tensor:
+        """The teacher's own layers after ``low`` up to ``high`` (None: its output) run on
+        ``state`` (:func:`taps.run_between`), in the teacher's dtype; float32 out."""
+        state = state.to(self._teacher_dtype())
+        return _as_float(taps.run_between(self.teacher, low, high, state, *batch.teacher_inputs,
+                                          **batch.teacher_kwargs))
+
     def teacher_states(self, batch: Batch, layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        """Teacher states at ``layers`` and its prediction under key ``"output"``.
+        """Teacher states at ``layers`` and its prediction under key ``"output"`` (float32).
 
         Served from the batch's teacher cache when the task precomputed them; else one
         forward pass of the teacher, without an autograd graph when it is frozen.
@@ -153,11 +146,11 @@ class Distiller(nn.Module):
         wanted = (*layers, "output")
         cached = not self.config.unfreeze_teacher  # an unfrozen teacher changes every step
         if cached and all(key in batch.teacher_cache for key in wanted):
-            return {key: batch.teacher_cache[key] for key in wanted}
+            return {key: _as_float(batch.teacher_cache[key]) for key in wanted}
         with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
             with taps.capture(self.teacher, layers) as states:
-                output = taps.prediction(self.teacher(*batch.teacher_inputs))
-        return {**states, "output": output}
+                output = taps.prediction(self.run_teacher(batch))
+        return {key: _as_float(value) for key, value in {**states, "output": output}.items()}
 
     def pooled_states(self, batch: Batch):
         """For relational methods: the student's prediction, both models' states at ``h``
@@ -171,13 +164,18 @@ class Distiller(nn.Module):
                               for state in (states[s_name], teacher[t_name]))
         return prediction, student, teacher_h, teacher
 
-    @staticmethod
-    def state_dims(model: nn.Module, layers: tuple[str, str], inputs: tuple) -> dict[str, int]:
-        """Feature widths of ``model`` at its (l, h) layers, by role, from one probe pass.
-        Also checks that l runs before h."""
-        taps.check_order(model, *layers, *inputs)
+    def state_dims(self, batch: Batch, side: str) -> dict[str, int]:
+        """Feature widths of the ``side`` model (``"student"`` or ``"teacher"``) at its (l, h)
+        layers, by role, from one probe pass on ``batch``. Also checks that l runs before h."""
+        model, layers = ((self.student, self.pair.student_layers) if side == "student"
+                         else (self.teacher, self.pair.teacher_layers))
+        inputs, kwargs = ((batch.student_inputs, batch.student_kwargs) if side == "student"
+                          else (batch.teacher_inputs, batch.teacher_kwargs))
+        try:
+            taps.check_order(model, *layers, *inputs, **kwargs)
+        except (TypeError, RuntimeError) as exc:  # the batch does not fit the model
+            raise UserError(f"the {side} ({type(model).__name__}) cannot run on a batch of the "
+                            f"data: {str(exc).splitlines()[0]}") from None
         with torch.no_grad(), taps.capture(model, layers) as states:
-            model(*inputs)
-        return {role: feature_dim(states[name]) for role, name in zip(("l", "h"), layers, strict=False)}
-
-
+            model(*inputs, **kwargs)
+        return {role: feature_dim(states[name]) for role, name in zip(("l", "h"), layers, strict=True)}

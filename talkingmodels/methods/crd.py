@@ -80,10 +80,13 @@ class CRD(LogitKD):
 
     Config = CRDConfig
 
-    def __init__(self, pair, config: CRDConfig, example: Batch):
-        super().__init__(pair, config, example)
-        s_dim = self.state_dims(pair.student, pair.student_layers, example.student_inputs)["h"]
-        t_dim = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)["h"]
+    needs_layers = True
+
+    def build(self, batch: Batch) -> None:
+        super().build(batch)
+        config = self.config
+        s_dim = self.state_dims(batch, "student")["h"]
+        t_dim = self.state_dims(batch, "teacher")["h"]
         self.embed_student = nn.Linear(s_dim, config.feat_dim)
         self.embed_teacher = nn.Linear(t_dim, config.feat_dim)
         # The method's own generator (seeded from the run's seed): the negatives and new bank

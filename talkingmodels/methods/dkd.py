@@ -37,8 +37,8 @@ class DKD(Distiller):
     Config = DKDConfig
     outputs = ("classification",)
 
-    def __init__(self, pair, config: DKDConfig, example: Batch):
-        super().__init__(pair, config, example)
+    def __init__(self, pair, config: DKDConfig):
+        super().__init__(pair, config)
         # The warm-up's clock: a buffer, so that a resumed run continues it.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 

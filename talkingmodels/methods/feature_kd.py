@@ -22,10 +22,13 @@ class FeatureKDConfig(MethodConfig):
 class FeatureMatching:
     """Mixin: a regressor from the student's layer to the teacher's, and the matching loss."""
 
-    def build_regressor(self, example: Batch) -> None:
-        pair, role = self.pair, self.config.layer
-        s_dim = self.state_dims(pair.student, pair.student_layers, example.student_inputs)[role]
-        t_dim = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)[role]
+    needs_layers = True
+
+    def build(self, batch: Batch) -> None:
+        super().build(batch)
+        role = self.config.layer
+        s_dim = self.state_dims(batch, "student")[role]
+        t_dim = self.state_dims(batch, "teacher")[role]
         self.regressor = Encoder({role: s_dim}, t_dim, self.config.regressor)
 
     def layer_names(self) -> tuple[str, str]:
@@ -51,10 +54,6 @@ class FeatureKD(FeatureMatching, Distiller):
     """Task loss + MSE between the regressed student state and the teacher state at h."""
 
     Config = FeatureKDConfig
-
-    def __init__(self, pair, config, example):
-        super().__init__(pair, config, example)
-        self.build_regressor(example)
 
     def forward_train(self, batch: Batch):
         prediction, feature, _ = self.feature_forward(batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from talkingmodels.data import Batch
-from talkingmodels.methods.base import Stage
+from talkingmodels.engine import Stage
 from talkingmodels.methods.feature_kd import FeatureKDConfig, FeatureMatching
 from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig
 from talkingmodels.methods.registry import register
@@ -26,10 +26,6 @@ class FitNet(FeatureMatching, LogitKD):
     """FitNets (Romero et al. 2015): a hint stage through a regressor, then logit KD."""
 
     Config = FitNetConfig
-
-    def __init__(self, pair, config, example):
-        super().__init__(pair, config, example)
-        self.build_regressor(example)
 
     def stages(self) -> list[Stage]:
         return [Stage("hint", epochs=self.config.hint_epochs, select=False), Stage("main")]

@@ -18,10 +18,6 @@ class Hybrid(FeatureMatching, LogitKD):
 
     Config = HybridConfig
 
-    def __init__(self, pair, config, example):
-        super().__init__(pair, config, example)
-        self.build_regressor(example)
-
     def forward_train(self, batch: Batch):
         prediction, feature, teacher = self.feature_forward(batch)
         return prediction, {

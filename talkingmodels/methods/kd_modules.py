@@ -27,10 +27,6 @@ class KDModules(Consistency, Hybrid):
 
     Config = KDModulesConfig
 
-    def __init__(self, pair, config: KDModulesConfig, example: Batch):
-        super().__init__(pair, config, example)  # hybrid's regressor
-        self.build_channel(example)
-
     def forward_train(self, batch: Batch):
         s_low, s_high = self.pair.student_layers
         t_low, t_high = self.pair.teacher_layers

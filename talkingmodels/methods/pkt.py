@@ -26,6 +26,7 @@ class PKT(Distiller):
     """Probabilistic Knowledge Transfer (Passalis & Tefas 2018): similarity distributions at h."""
 
     Config = PKTConfig
+    needs_layers = True
 
     def forward_train(self, batch: Batch):
         prediction, student, teacher, _ = self.pooled_states(batch)

@@ -33,6 +33,7 @@ class RKD(Distiller):
     """Relational KD (Park et al. 2019): distances and angles between examples' states at h."""
 
     Config = RKDConfig
+    needs_layers = True
 
     def forward_train(self, batch: Batch):
         cfg = self.config

@@ -1,4 +1,4 @@
-"""``td``: Talking-model Distillation (Zhao et al. 2023); see docs in method.md.
+"""``td``: Talking-model Distillation (Zhao et al. 2023); see docs/method.md.
 
 One round: the student asks ``q = E_S(s_l)``; the teacher reads the question into its
 lower layer ``t'_l = D_T(q)``, interprets it with its own frozen layers
@@ -70,10 +70,13 @@ class TDConfig(LogitKDConfig, ChannelConfig):
 class Consistency:
     """Mixin: the channel (one Speaker per model) and its consistency terms L_MC and L_SC."""
 
-    def build_channel(self, example: Batch) -> None:
-        pair, config = self.pair, self.config
-        s_dims = self.state_dims(pair.student, pair.student_layers, example.student_inputs)
-        t_dims = self.state_dims(pair.teacher, pair.teacher_layers, example.teacher_inputs)
+    needs_layers = True
+
+    def build(self, batch: Batch) -> None:
+        super().build(batch)  # (kd-modules: hybrid's regressor first)
+        config = self.config
+        s_dims = self.state_dims(batch, "student")
+        t_dims = self.state_dims(batch, "teacher")
         args = (config.message_dim, config.channel, config.channel_hidden)
         # The student listens at h (answers, L_SC); the teacher listens at l (questions, L_SC).
         self.student_side = Speaker(s_dims, {"h": s_dims["h"]}, *args)
@@ -105,17 +108,13 @@ class TalkingDistillation(Consistency, LogitKD):
 
     Config = TDConfig
 
-    def __init__(self, pair, config: TDConfig, example: Batch):
-        super().__init__(pair, config, example)
-        self.build_channel(example)
-
     def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
         t_low, t_high = self.pair.teacher_layers
         heard = self.teacher_side.decoder(to_grid(question, t_l), "l")
         if self.config.listen == "add":
             heard = t_l + heard
-        return taps.run_between(self.teacher, t_low, t_high, heard, *batch.teacher_inputs)
+        return self.teacher_between(t_low, t_high, heard, batch)
 
     def forward_train(self, batch: Batch):
         cfg = self.config
@@ -145,8 +144,7 @@ class TalkingDistillation(Consistency, LogitKD):
             terms["interact"] = cfg.w1 * interact / cfg.rounds
             if cfg.answer_kd > 0 or cfg.answer_fit > 0:
                 # The teacher's own head reads its interpretation: an answer in output space.
-                answer_output = taps.run_between(self.teacher, t_high, None, t_high_answer,
-                                                 *batch.teacher_inputs)
+                answer_output = self.teacher_between(t_high, None, t_high_answer, batch)
                 if cfg.answer_kd > 0:
                     terms["answer_kd"] = cfg.answer_kd * output_kd(
                         prediction, answer_output.detach(), self.pair.output, cfg.temperature)
@@ -156,7 +154,7 @@ class TalkingDistillation(Consistency, LogitKD):
             if cfg.answer_task > 0:
                 # The student's own head must solve the task from the answer it was given.
                 answer_prediction = taps.run_between(self.student, s_high, None, s_high_answer,
-                                                     *batch.student_inputs)
+                                                     *batch.student_inputs, **batch.student_kwargs)
                 terms["answer_task"] = cfg.answer_task * self.pair.task_loss(
                     answer_prediction, batch.target)
 

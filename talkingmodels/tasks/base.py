@@ -21,9 +21,9 @@ from torch import nn
 
 from talkingmodels import losses
 from talkingmodels.data import Splits
-from talkingmodels.engine import Metric
 from talkingmodels.errors import UserError
-from talkingmodels.methods.base import OutputKind
+from talkingmodels.losses import Metric
+from talkingmodels.states import OutputKind
 
 
 class TaskConfig(BaseModel):
@@ -93,6 +93,25 @@ class Task:
         return Path.home() / ".cache" / "talkingmodels"
 
 
+def data_candidates(data_dir: Path | None, defaults: list[Path]) -> list[Path]:
+    """Where to look for a task's files: the ``data_dir`` a user named, alone, else
+    ``$TALKINGMODELS_DATA`` and the task's own places (``defaults``)."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    env = os.environ.get("TALKINGMODELS_DATA")
+    return ([Path(env)] if env else []) + defaults
+
+
+def missing_data_dir(data_dir: Path | None, what: str) -> None:
+    """A named ``data_dir`` without the task's files is an error, never a silent fallback to
+    other data (called once the search found nothing there)."""
+    if data_dir is None:
+        return
+    state = "does not exist" if not Path(data_dir).exists() else f"does not hold {what}"
+    raise UserError(f"data_dir {data_dir} {state}; point data_dir at the folder with the files, "
+                    "or leave it out to use the packaged or cached copy")
+
+
 def sized_setting(setting: str, names) -> tuple[str, int | None] | None:
     """A setting ``NAME`` or ``NAME-N`` / ``NAME-Nk`` (train on N examples) with NAME one of
     ``names``: (NAME, N, or None for the plain name); None when it is neither."""
@@ -112,5 +131,5 @@ def config_key(*parts) -> str:
 class ClassificationTask(Task):
     """A task whose student predicts class logits, scored by accuracy."""
 
-    metric = Metric("accuracy", losses.accuracy, higher_is_better=True)
+    metric = losses.ACCURACY
     output = "classification"

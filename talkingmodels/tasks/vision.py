@@ -36,7 +36,15 @@ from talkingmodels import frozen, losses, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.models import efficientnet_lite
-from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key, sized_setting
+from talkingmodels.tasks.base import (
+    ClassificationTask,
+    Prepared,
+    TaskConfig,
+    config_key,
+    data_candidates,
+    missing_data_dir,
+    sized_setting,
+)
 from talkingmodels.tasks.registry import register
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -67,14 +75,12 @@ def find_data(config: VisionConfig, cache: Path) -> Path:
     """Where the four idx files are: ``data_dir``, ``$TALKINGMODELS_DATA`` (each either
     holding them or a ``fashion-mnist/`` folder), the Debian package's folder, the user
     cache, else a download of the official files."""
-    import os
-
-    candidates = [Path(p) for p in (config.data_dir, os.environ.get("TALKINGMODELS_DATA")) if p]
-    candidates += [SYSTEM_DIR, cache / "data"]
+    candidates = data_candidates(config.data_dir, [SYSTEM_DIR, cache / "data"])
     for base in candidates:
         for directory in (base, base / "fashion-mnist"):
             if all(_file(directory, name) for name in FILES):
                 return directory
+    missing_data_dir(config.data_dir, f"Fashion-MNIST's {', '.join(FILES)}")
     looked = ", ".join(str(c) for c in candidates)
     advice = (f"apt-get install dataset-fashion-mnist, or put {', '.join(f'{n}.gz' for n in FILES)} "
               f"from {URL} into one of those directories")

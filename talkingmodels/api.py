@@ -1,0 +1,249 @@
+"""One call to distil a teacher into a student: :func:`distill`, and :func:`load_student`.
+
+The user brings two PyTorch (or Hugging Face) models and their data as DataLoaders, Hugging
+Face datasets or :class:`~talkingmodels.data.Split` s; layers are named by module path.
+Everything is validated before any training or teacher computation where it can be: the
+method and its options, the layer names, the device and precision, the batches' shape and
+whether the student's output fits the task.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talkingmodels import distributed, losses
+from talkingmodels.config import validate
+from talkingmodels.data import Batch, Split, Splits, as_loader, iterate
+from talkingmodels.engine import (
+    TrainConfig,
+    device_of,
+    first_batch,
+    fit,
+    precompute_teacher,
+    seed_everything,
+)
+from talkingmodels.errors import UserError
+from talkingmodels.io import atomic_write_text
+from talkingmodels.losses import Metric
+from talkingmodels.states import ModelPair, OutputKind
+
+TASKS: dict[str, tuple[Callable, Metric]] = {
+    "classification": (F.cross_entropy, losses.ACCURACY),
+    "regression": (losses.mse, losses.RMSE),
+}
+METRICS = {"accuracy": losses.ACCURACY, "rmse": losses.RMSE}
+CACHES = (False, True, "memory", "disk")
+WEIGHTS, META = "model.safetensors", "talkingmodels.json"
+
+
+@dataclass
+class Result:
+    """What :func:`distill` returns: the student selected on validation (in eval mode) and
+    its metrics; :meth:`save` writes it as a deployable folder."""
+
+    student: nn.Module
+    val: float
+    test: float | None
+    history: list[dict]
+    method: str
+    options: dict
+    student_layers: tuple[str, str] | None
+    teacher_layers: tuple[str, str] | None
+    metric: str
+    best_epoch: int
+    epochs: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        """The student's weights as ``model.safetensors`` and a ``talkingmodels.json``
+        (method, options, layers, metrics, library version) in ``folder``."""
+        from safetensors.torch import save_model
+
+        from talkingmodels import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.student, str(folder / WEIGHTS), metadata={"format": "pt"})
+        meta = {"library": "talkingmodels", "version": __version__, "method": self.method,
+                "options": self.options, "student_layers": self.student_layers,
+                "teacher_layers": self.teacher_layers, "student_class": type(self.student).__name__,
+                "metric": self.metric, "val": self.val, "test": self.test,
+                "best_epoch": self.best_epoch, "epochs": self.epochs}
+        atomic_write_text(folder / META, json.dumps(meta, indent=2) + "\n")
+        return folder
+
+
+def load_student(folder: str | Path, model: nn.Module) -> nn.Module:
+    """``model`` (the user's student architecture) with the weights :meth:`Result.save`
+    wrote to ``folder``, in eval mode."""
+    from safetensors.torch import load_model
+
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"no saved student in {folder} (expected {WEIGHTS} from Result.save)")
+    try:
+        load_model(model, str(path), strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"the student saved in {folder} does not fit {type(model).__name__}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _method_class(method):
+    from talkingmodels.methods import Distiller, get_method
+
+    if isinstance(method, type) and issubclass(method, Distiller):
+        return method
+    if not isinstance(method, str):
+        raise UserError(f"method must be a method name or a Distiller subclass; got {method!r}")
+    return get_method(method)
+
+
+def _task(task, metric) -> tuple[Callable, Metric | None, OutputKind | None]:
+    """(loss, metric, output kind); the kind is None for a loss callable (read off the data)."""
+    if callable(task):
+        loss, default, output = task, Metric("loss", task, higher_is_better=False), None
+    elif task in TASKS:
+        (loss, default), output = TASKS[task], task
+    else:
+        raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}, or a loss "
+                        "callable (prediction, target) -> loss")
+    if metric is None:
+        return loss, default, output
+    if isinstance(metric, Metric):
+        return loss, metric, output
+    if metric in METRICS:
+        return loss, METRICS[metric], output
+    raise UserError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}, or a "
+                    "talkingmodels.losses.Metric(name, fn, higher_is_better)")
+
+
+@torch.no_grad()
+def _check_output(student: nn.Module, batch: Batch, output: OutputKind | None) -> OutputKind:
+    """The task's output kind, checked against what the student predicts on ``batch``
+    (run in eval mode, so no BN statistic moves)."""
+    from talkingmodels import taps
+
+    was_training = student.training
+    student.eval()
+    try:
+        prediction = taps.prediction(batch.to(device_of(student)).run_student(student))
+    except (TypeError, RuntimeError) as exc:
+        raise UserError(f"the student ({type(student).__name__}) cannot run on a batch of the "
+                        f"data: {str(exc).splitlines()[0]}") from None
+    finally:
+        student.train(was_training)
+    target = batch.target
+    seen = (f"the student outputs {tuple(prediction.shape)}, the targets are {target.dtype} "
+            f"{tuple(target.shape)}")
+    integer = not (target.is_floating_point() or target.is_complex())
+    if output is None:
+        output = "classification" if integer and prediction.dim() == 2 else "regression"
+    if output == "classification":
+        if not (integer and prediction.dim() == 2 and target.shape == prediction.shape[:1]):
+            raise UserError(f"task 'classification' needs (batch, classes) logits and integer "
+                            f"class targets (batch,); {seen}; for real-valued targets use "
+                            "task='regression'")
+        if len(target) and (int(target.min()) < 0 or int(target.max()) >= prediction.shape[1]):
+            raise UserError(f"task 'classification': class targets must lie in 0..{prediction.shape[1] - 1} "
+                            f"(the student's {prediction.shape[1]} outputs); found {int(target.min())}.."
+                            f"{int(target.max())}")
+    elif prediction.shape != target.shape or integer:
+        raise UserError(f"task 'regression' needs one real-valued prediction per target, of the "
+                        f"targets' shape; {seen}; for class logits use task='classification'")
+    return output
+
+
+def _cached_split(data, teacher: nn.Module, layers, mode, out: Path | None, batch_size: int) -> Split:
+    """The training data as a Split with the frozen teacher's states at ``layers`` and its
+    output computed once per example (in memory, or in a file on disk read memory-mapped).
+    A loader's dataset is read once, in order: per-epoch random augmentation is then lost."""
+    if isinstance(data, Split):
+        split = data
+    else:
+        loader = data
+        dataset = getattr(data, "dataset", None)
+        if isinstance(dataset, torch.utils.data.Dataset) and not isinstance(
+                dataset, torch.utils.data.IterableDataset):
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                 collate_fn=data.collate_fn)
+        split = Split.from_batches(iterate(loader, batch_size))
+    precompute_teacher(teacher, split, tuple(layers or ()))
+    if mode == "disk":
+        folder = out or Path(tempfile.mkdtemp(prefix="talkingmodels-"))
+        path = Path(folder) / "teacher_cache.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(split.teacher_cache, path)
+        split.teacher_cache = torch.load(path, mmap=True, weights_only=True)
+    return split
+
+
+def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, method="td",
+            student_layers: tuple[str, str] | None = None,
+            teacher_layers: tuple[str, str] | None = None,
+            task: str | Callable = "classification", metric: str | Metric | None = None,
+            epochs: int = 30, lr: float = 1e-3, device: str = "auto", mixed_precision: str = "no",
+            cache_teacher: bool | str = False, out: str | Path | None = None, seed: int = 0,
+            batch_size: int = 256, patience: int = 5, progress: bool = True,
+            train_options: dict | None = None, **method_options) -> Result:
+    """Distil ``teacher`` into ``student`` with ``method`` on the user's data.
+
+    ``train`` / ``val`` / ``test`` (test optional): DataLoaders (map-style or iterable
+    datasets), Hugging Face datasets, Splits or any re-iterable of batches; a batch is a tuple
+    ``(inputs..., target)`` or a dict with ``labels`` whose other keys go to the models by
+    keyword. ``student_layers`` / ``teacher_layers`` are the (l, h) module names, for
+    methods that read hidden states. ``task``: ``"classification"`` (cross-entropy,
+    accuracy), ``"regression"`` (MSE, RMSE) or a loss callable. ``cache_teacher``:
+    ``"memory"`` / ``"disk"`` computes the frozen teacher's states once per training example
+    (the training data is then read once, in order, and shuffled by the run's seed).
+    ``batch_size`` applies to data that is not already a DataLoader; ``train_options`` holds
+    any other :class:`TrainConfig` value (``weight_decay``, ``teacher_dtype``, ...).
+    ``out``: a folder for the run's checkpoint (a rerun resumes it) and the saved student.
+    ``method_options`` are the method's own (``talkingmodels methods``; e.g. ``rounds``).
+    Returns a :class:`Result`; the student is selected on validation and left in eval mode.
+    """
+    cls = _method_class(method)
+    options = validate(cls.Config, method_options, f"method {cls.name!r} options")
+    cfg = validate(TrainConfig, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                 "patience": patience, "device": device,
+                                 "mixed_precision": mixed_precision, **(train_options or {})},
+                   "training options")
+    distributed.check_precision(distributed.resolve_device(cfg.device), cfg.mixed_precision)
+    if cache_teacher not in CACHES:
+        raise UserError(f"unknown cache_teacher {cache_teacher!r}; valid: False, 'memory', 'disk'")
+    loss, metric, output = _task(task, metric)
+    layers = {side: None if names is None else tuple(names)
+              for side, names in (("student", student_layers), ("teacher", teacher_layers))}
+    train, val = as_loader(train, cfg.batch_size, shuffle=True), as_loader(val, cfg.eval_batch_size, False)
+    test = None if test is None else as_loader(test, cfg.eval_batch_size, False)
+    output = _check_output(student, first_batch(train, cfg.batch_size), output)
+    seed_everything(seed)
+    distiller = cls(ModelPair(student, teacher, layers["student"], layers["teacher"], output, loss),
+                    options)
+    out = None if out is None else Path(out)
+    if cache_teacher and not options.unfreeze_teacher:
+        # A loader's own batch size carries over to the cached split's shuffled batches.
+        batch = getattr(train, "batch_size", None) or cfg.batch_size
+        train = _cached_split(train, teacher, layers["teacher"], cache_teacher, out, batch)
+        cfg = cfg.model_copy(update={"batch_size": batch})
+    fingerprint = {"method": {"name": cls.name, **options.model_dump(mode="json")},
+                   "train": cfg.model_dump(), "seed": seed}
+    result = fit(distiller, Splits(train, val, test), metric, cfg, seed,
+                 checkpoint=None if out is None else out / "checkpoint.pt",
+                 fingerprint=fingerprint, progress=progress)
+    done = Result(student, result.val, result.test, result.history, cls.name,
+                  options.model_dump(mode="json"), layers["student"], layers["teacher"],
+                  metric.name, result.best_epoch, result.epochs, result.seconds)
+    if out is not None:
+        done.save(out)
+        (out / "checkpoint.pt").unlink(missing_ok=True)  # the run is finished and saved
+    return done

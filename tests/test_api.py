@@ -319,7 +319,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_is_one_clear_error_before_the_teacher_runs(task, case):
+def test_bad_input_is_one_clear_error_before_the_teacher_runs(task, case, tmp_path):
     x, y, teacher = task
     change, names = BAD[case]
     change = dict(change)
@@ -338,13 +338,25 @@ def test_bad_input_is_one_clear_error_before_the_teacher_runs(task, case):
     elif batches == "7 features":
         train = DataLoader(TensorDataset(x[:400, :7], y[:400]), batch_size=32)
     with pytest.raises(UserError) as error:
-        distill(student(), frozen, train, val, **{"method": "td", **LAYERS,
-                                                  "progress": False, **change})
+        distill(student(), frozen, train, val, **{"method": "td", **LAYERS, "progress": False,
+                                                  "out": tmp_path / "out", **change})
     message = str(error.value)
     assert "\n" not in message
     for name in names:
         assert name in message, f"{name!r} not in {message!r}"
     assert not calls  # found before any teacher computation
+    assert not (tmp_path / "out").exists()  # and before anything is written
+
+
+def test_a_layer_missing_from_a_hugging_face_teacher_names_the_nearest(tokens):
+    ids, mask, labels, teacher = tokens
+    rows = [{"input_ids": i, "attention_mask": m, "labels": t}
+            for i, m, t in zip(ids, mask, labels, strict=True)]
+    with pytest.raises(UserError, match=r"unknown layer 'bert.encoder.layers.1' in BertForSequence"
+                                        r"Classification; nearest valid names: .*bert.encoder.layer.1"):
+        distill(TokenStudent(), teacher, DataLoader(rows, batch_size=8), DataLoader(rows, batch_size=8),
+                student_layers=("mix1", "mix2"),
+                teacher_layers=("bert.encoder.layer.0", "bert.encoder.layers.1"), **QUIET)
 
 
 def test_a_split_checks_its_rows_and_takes_a_bare_tensor():

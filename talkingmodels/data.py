@@ -118,6 +118,17 @@ def to_batch(item) -> Batch:
     """One batch from a loader as a :class:`Batch` (both models get the same inputs)."""
     if isinstance(item, Batch):
         return item
+    batch = _from_loader(item)
+    rows = len(batch.target) if batch.target.dim() else 0
+    for name, x in {**{f"input {i}": x for i, x in enumerate(batch.student_inputs)},
+                    **{f"input {k!r}": v for k, v in batch.student_kwargs.items()}}.items():
+        if isinstance(x, torch.Tensor) and x.dim() and len(x) != rows:
+            raise UserError(f"a batch's {name} has {len(x)} rows but its targets have {rows}; "
+                            "inputs and targets must have one row per example")
+    return batch
+
+
+def _from_loader(item) -> Batch:
     if isinstance(item, Mapping):
         key = next((k for k in LABEL_KEYS if k in item), None)
         if key is None:

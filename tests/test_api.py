@@ -248,7 +248,9 @@ def test_resume_over_a_shuffled_dataloader_is_exact_and_trains_only_the_rest(tas
 
     def run(checkpoint=None, kill_after=None, signal_at=None, steps=None):
         torch.manual_seed(3)
-        method = METHODS["td"](ModelPair(mlp(16), teacher, ("1", "3"), ("1", "3"),
+        # (dropout: a draw from the global RNG every step, as the loader's shuffle)
+        student = nn.Sequential(*mlp(16)[:4], nn.Dropout(0.2), mlp(16)[4])
+        method = METHODS["td"](ModelPair(student, teacher, ("1", "3"), ("1", "3"),
                                          "classification", nn.functional.cross_entropy),
                                METHODS["td"].Config(message_dim=4))
         train, val, test = loaders(x, y, num_workers=0)
@@ -313,6 +315,8 @@ BAD = {
     "a batch of one tensor": ({"batches": "inputs only"}, ["(inputs..., target)", "1 item"]),
     "a dict batch without labels": ({"batches": "dict"}, ["'labels'", "features"]),
     "a one-shot iterator": ({"batches": "iterator"}, ["re-iterable", "generator"]),
+    "inputs and targets of different lengths": ({"batches": "short targets"},
+                                                ["input 0 has 32 rows", "targets have 30"]),
     "inputs that do not fit the student": ({"batches": "7 features"}, ["cannot run", "Sequential"]),
     "an unknown training option": ({"train_options": {"patiense": 3}}, ["'patiense'", "patience"]),
 }
@@ -333,6 +337,8 @@ def test_bad_input_is_one_clear_error_before_the_teacher_runs(task, case, tmp_pa
         train = DataLoader(TensorDataset(x[:400]), batch_size=32)
     elif batches == "dict":
         train = [{"features": x[:32], "target": y[:32]}]
+    elif batches == "short targets":
+        train = [(x[:32], y[:30])]
     elif batches == "iterator":
         train = (b for b in train)
     elif batches == "7 features":

@@ -82,9 +82,6 @@ class Distiller(Supervised):
         """Build the method's own modules from a first batch (their widths come from a probe
         pass of the models); subclasses extend it."""
 
-    def stages(self) -> list[Stage]:
-        return [Stage("main")]
-
     def train(self, mode: bool = True):
         super().train(mode)
         # The frozen teacher always runs in eval mode (no dropout, fixed BN statistics).

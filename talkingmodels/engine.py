@@ -97,7 +97,7 @@ class Supervised(nn.Module):
         super().__init__()
         self.student = student
         self.task_loss = task_loss
-        self.stage = "main"
+        self.stage = Stage("main")  # the stage being trained (the engine sets it)
         self.built = False
 
     def setup(self, batch: Batch) -> None:
@@ -175,19 +175,11 @@ def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...]
     cache (e.g. from its disk cache)."""
     if all(key in split.teacher_cache for key in (*layers, "output")):
         return
-    parts: dict[str, list[torch.Tensor]] = {}
-    teacher.eval()
     device = device_of(teacher)
-    width = None if split.lengths is None else int(split.lengths.max())
-    for batch in split.batches(batch_size):
-        batch = batch.to(device)
-        with taps.capture(teacher, layers) as states:
-            output = taps.prediction(batch.run_teacher(teacher))
-        for key, value in {**states, "output": output}.items():
-            if width is not None and value.dim() == 3:  # token states: back to the split's width
-                value = nn.functional.pad(value, (0, 0, 0, width - value.shape[1]))
-            parts.setdefault(key, []).append(value.cpu())
-    split.teacher_cache = {key: torch.cat(values) for key, values in parts.items()}
+    split.teacher_cache = taps.collect(
+        teacher, layers, (batch.to(device) for batch in split.batches(batch_size)),
+        lambda batch: taps.prediction(batch.run_teacher(teacher)), "output",
+        width=None if split.lengths is None else int(split.lengths.max()))
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -412,7 +404,7 @@ def fit(method: Supervised, splits: Splits, metric: Metric, cfg: TrainConfig, se
         with _stop_requests(checkpoint is not None and not multi) as stop, bar:
             for index in range(run["stage"], len(stages)):
                 stage = stages[index]
-                method.stage = stage.name
+                method.stage = stage
                 step = acc.prepare_model(TrainStep(method)) if multi else TrainStep(method)
                 optimizer = make_optimizer(method.learnable_parameters(), cfg)
                 if saved is not None and index == saved["run"]["stage"]:

@@ -39,18 +39,32 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
             print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
     print(f"computing the teacher's states on {len(inputs[0])} {what} examples (cached afterwards)",
           file=sys.stderr)
-    parts: dict[str, list[torch.Tensor]] = {}
-    teacher.eval()
-    with torch.no_grad():
-        for start in range(0, len(inputs[0]), batch_size):
-            batch = tuple(x[start: start + batch_size] for x in inputs)
-            with taps.capture(teacher, layers) as states:
-                states["features"] = features(*batch)
-            for k in wanted:
-                parts.setdefault(k, []).append(states[k])
-    result = {k: torch.cat(v) for k, v in parts.items()}
+    batches = (tuple(x[start: start + batch_size] for x in inputs)
+               for start in range(0, len(inputs[0]), batch_size))
+    result = taps.collect(teacher, layers, batches, lambda batch: features(*batch), "features")
     atomic_save(result, path)
     return result
+
+
+def attach_probe(teacher: nn.Module, splits, layers: tuple[str, str],
+                 outputs: Callable[[str, object, tuple[str, ...]], dict], classes: int) -> float:
+    """The end of a frozen-teacher task's ``prepare()``: the teacher's states and pooled
+    features on each split (``outputs(part, split, layers)``, ``part`` one of train, val,
+    test; cached on disk by the task), a linear probe for the downstream labels fitted on
+    the training split (its strength chosen on validation) and attached as ``teacher.probe``,
+    the teacher frozen, and the training split's teacher cache filled (the states at
+    ``layers`` and the probe's logits). Returns the probe's test accuracy."""
+    pool = outputs("train", splits.train, layers)
+    val = outputs("val", splits.val, ())
+    test = outputs("test", splits.test, ())
+    probe, _ = fit_probe(pool["features"], splits.train.target, val["features"], splits.val.target,
+                         classes=classes)
+    teacher.probe = probe
+    teacher.eval().requires_grad_(False)
+    with torch.no_grad():
+        splits.train.teacher_cache = {layers[0]: pool[layers[0]], layers[1]: pool[layers[1]],
+                                      "output": probe(pool["features"])}
+        return float(losses.accuracy(probe(test["features"]), splits.test.target))
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int) -> nn.Linear:

@@ -41,26 +41,35 @@ ABLATIONS: dict[str, dict] = {
     **_weights(),
 }
 
-SUITES = ("core", "full", "ablations")
+def _named(labels) -> dict[str, dict]:
+    """Entries for method labels (``name`` or ``name:variant``) with their default options."""
+    return {label: {"name": label.split(":")[0]} for label in labels}
+
+
+# suite -> (its method entries on a task class, whether it runs on the ablation settings)
+SUITES: dict[str, tuple] = {
+    "core": (lambda task: _named(task.default_methods), False),
+    "full": (lambda task: _named((*task.default_methods, *MODERN)), False),
+    "ablations": (lambda task: ABLATIONS, True),
+}
+
+
+def _suite(suite: str) -> tuple:
+    if suite not in SUITES:
+        raise UserError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    return SUITES[suite]
 
 
 def methods(task, suite: str) -> list[dict]:
     """The method entries (name, label, options) of ``suite`` on ``task`` (a Task class);
     a task's own options for a method (``method_options``) apply when the grid is resolved."""
-    if suite == "core":
-        labels = {label: {"name": label.split(":")[0]} for label in task.default_methods}
-    elif suite == "full":
-        labels = {label: {"name": label.split(":")[0]} for label in (*task.default_methods, *MODERN)}
-    elif suite == "ablations":
-        labels = ABLATIONS
-    else:
-        raise UserError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
-    return [{**entry, "label": label} for label, entry in labels.items()]
+    entries, _ = _suite(suite)
+    return [{**entry, "label": label} for label, entry in entries(task).items()]
 
 
 def settings(task, suite: str) -> list[str]:
-    chosen = task.ablation_settings if suite == "ablations" else None
-    return list(chosen or task.default_settings)
+    _, ablated = _suite(suite)
+    return list((task.ablation_settings if ablated else None) or task.default_settings)
 
 
 def experiment_config(task, suite: str, seeds: int = 5) -> dict:

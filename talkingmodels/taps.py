@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -81,6 +81,26 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, layers: Sequence[str], batches: Iterable, run: Callable,
+            key: str, width: int | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s states at ``layers`` while ``run(batch)`` computes the value stored under
+    ``key``, for every batch of ``batches``, concatenated on the CPU (how a frozen teacher's
+    states are cached). Token states (n, tokens, dim) are right-padded to ``width`` tokens
+    when it is given (batches of sequences may be cut to their longest sentence)."""
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        with capture(model, layers) as states:
+            states[key] = run(batch)
+        for name in (*layers, key):
+            value = states[name]
+            if width is not None and value.dim() == 3:
+                value = nn.functional.pad(value, (0, 0, 0, width - value.shape[1]))
+            parts.setdefault(name, []).append(value.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 @contextlib.contextmanager

@@ -76,7 +76,7 @@ def test_one_training_step(dense, batch, name):
     method.train()
     assert not method.teacher.training
     for stage in method.stages():
-        method.stage = stage.name
+        method.stage = stage
         params = method.learnable_parameters()
         teacher_ids = {id(p) for p in method.teacher.parameters()}
         assert not teacher_ids & {id(p) for p in params}
@@ -120,7 +120,7 @@ def test_fitnet_hint_stage_trains_up_to_the_guided_layer(dense, batch):
     assert [s.name for s in method.stages()] == ["hint", "main"]
     assert not method.stages()[0].select
     method.train()
-    method.stage = "hint"
+    method.stage = method.stages()[0]  # hint
     _, terms = method.forward_train(batch)
     terms["hint"].backward()
     g = grads(method.student)
@@ -130,7 +130,7 @@ def test_fitnet_hint_stage_trains_up_to_the_guided_layer(dense, batch):
     # the regressor only serves the hint stage
     regressor = {id(p) for p in method.regressor.parameters()}
     assert regressor <= {id(p) for p in method.learnable_parameters()}
-    method.stage = "main"
+    method.stage = method.stages()[1]  # main
     assert not regressor & {id(p) for p in method.learnable_parameters()}
 
 
@@ -298,7 +298,7 @@ def test_cached_teacher_gives_the_same_terms(dense, batch, name):
         plain, served = build(dense, name), build(dense, name)
         for method in (plain, served):
             method.train()
-            method.stage = stage.name
+            method.stage = stage
         a = plain.forward_train(batch)[1]
         b = served.forward_train(cached)[1]
         assert a.keys() == b.keys()

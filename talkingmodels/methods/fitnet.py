@@ -27,18 +27,24 @@ class FitNet(FeatureMatching, LogitKD):
 
     Config = FitNetConfig
 
+    def __init__(self, pair, config: FitNetConfig):
+        super().__init__(pair, config)
+        # Made once: the engine sets ``self.stage`` to the one it trains.
+        self.hint_stage = Stage("hint", epochs=config.hint_epochs, select=False)
+        self.main_stage = Stage("main")
+
     def stages(self) -> list[Stage]:
-        return [Stage("hint", epochs=self.config.hint_epochs, select=False), Stage("main")]
+        return [self.hint_stage, self.main_stage]
 
     def forward_train(self, batch: Batch):
-        if self.stage == "main":
-            return LogitKD.forward_train(self, batch)
+        if self.stage is not self.hint_stage:  # the main stage: task loss and logit KD
+            return super().forward_train(batch)
         prediction, hint, _ = self.feature_forward(batch)
         return prediction, {"hint": hint}
 
     def learnable_parameters(self):
         params = super().learnable_parameters()
-        if self.stage == "main":  # the regressor only serves the hint stage
+        if self.stage is not self.hint_stage:  # the regressor only serves the hint stage
             regressor = {id(p) for p in self.regressor.parameters()}
             params = [p for p in params if id(p) not in regressor]
         return params

@@ -91,7 +91,7 @@ class MovieLensConfig(TaskConfig):
     download: bool = True
     teacher: RecommenderSpec = RecommenderSpec(embedding=64, hidden=[256, 128, 64], dropout=0.5)
     # A strong, regularised teacher: without dropout and weight decay it ends up worse
-    # on Drama than a student trained from scratch (see method.md).
+    # on Drama than a student trained from scratch (see docs/method.md).
     teacher_train: TrainConfig = TrainConfig(epochs=40, batch_size=512, lr=1e-3, weight_decay=0.5,
                                              optimizer="adamw", patience=4)
     student: RecommenderSpec = RecommenderSpec(embedding=8, hidden=[32, 16])

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
-from talkingmodels import frozen, losses, taps
+from talkingmodels import frozen, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.states import pooled
@@ -356,18 +356,11 @@ class Sentiment(ClassificationTask):
         for name in cfg.teacher_layers:
             taps.get_module(teacher, name)
         layers = tuple(cfg.teacher_layers)
-        pool = self._teacher_outputs(teacher, domain, f"train-{len(train_rows)}",
-                                     splits.train.student_inputs, layers)
-        val = self._teacher_outputs(teacher, domain, "val", splits.val.student_inputs, ())
-        test = self._teacher_outputs(teacher, domain, "test", splits.test.student_inputs, ())
-        probe, _ = frozen.fit_probe(pool["features"], splits.train.target, val["features"],
-                                    splits.val.target, classes=2)
-        teacher.probe = probe
-        teacher.eval().requires_grad_(False)
-        with torch.no_grad():
-            splits.train.teacher_cache = {layers[0]: pool[layers[0]], layers[1]: pool[layers[1]],
-                                          "output": probe(pool["features"])}
-            teacher_metric = float(losses.accuracy(probe(test["features"]), splits.test.target))
+        teacher_metric = frozen.attach_probe(
+            teacher, splits, layers, classes=2,
+            outputs=lambda part, split, wanted: self._teacher_outputs(
+                teacher, domain, f"train-{len(split)}" if part == "train" else part,
+                split.student_inputs, wanted))
         spec, vocab, length = cfg.student, len(tokenizer), input_ids.shape[1]
         return Prepared(
             setting=setting,

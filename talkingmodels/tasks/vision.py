@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
-from talkingmodels import frozen, losses, taps
+from talkingmodels import frozen, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.models import efficientnet_lite
@@ -283,16 +283,11 @@ class FashionVision(ClassificationTask):
         for name in cfg.teacher_layers:
             taps.get_module(teacher, name)
         layers = tuple(cfg.teacher_layers)
-        pool = self._teacher_outputs(f"train-{n}", splits.train.student_inputs[0], layers)
-        val = self._teacher_outputs("val", splits.val.student_inputs[0], ())
-        test = self._teacher_outputs(f"test-{len(test_rows)}", splits.test.student_inputs[0], ())
-        probe, _ = frozen.fit_probe(pool["features"], splits.train.target, val["features"], splits.val.target)
-        teacher.probe = probe
-        teacher.eval().requires_grad_(False)
-        with torch.no_grad():
-            splits.train.teacher_cache = {layers[0]: pool[layers[0]], layers[1]: pool[layers[1]],
-                                          "output": probe(pool["features"])}
-            teacher_metric = float(losses.accuracy(probe(test["features"]), splits.test.target))
+        teacher_metric = frozen.attach_probe(
+            teacher, splits, layers, classes=10,
+            # (cache names: the split and its size; the validation images' count is in the key)
+            outputs=lambda part, split, wanted: self._teacher_outputs(
+                part if part == "val" else f"{part}-{len(split)}", split.student_inputs[0], wanted))
         spec = cfg.student
         return Prepared(
             setting=setting,

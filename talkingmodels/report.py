@@ -503,6 +503,74 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def forest_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Per compared (task, setting) and method but scratch: the gain over scratch in percent
+    of scratch's mean, paired by seed, with its 95% interval (the t interval of the mean
+    paired difference, scaled the same way)."""
+    from talkingmodels.analysis import paired_comparison
+
+    runs = compared(results)
+    runs = runs[~_na_runs(runs)]
+    rows = []
+    for (task, setting), group in runs.groupby(["task", "setting"], sort=False):
+        values = group.pivot_table(index="seed", columns="method", values="value")
+        if REFERENCE not in values:
+            continue
+        higher, scale = get_task(task).metric.higher_is_better, 100.0 / values[REFERENCE].mean()
+        for method in dict.fromkeys(group.method):
+            if method == REFERENCE:
+                continue
+            test = paired_comparison(values[method], values[REFERENCE], higher)
+            rows.append({"task": task, "setting": setting, "method": method, "n": test["n"],
+                         "gain_pct": scale * test["mean_diff"], "low_pct": scale * test["ci_low"],
+                         "high_pct": scale * test["ci_high"]})
+    return pd.DataFrame(rows)
+
+
+def forest_plot(results: pd.DataFrame, path: Path, focus: str = "td") -> Path | None:
+    """The summary figure of a store: each method's gain over scratch with its 95% interval,
+    one panel per setting in the report's order (``focus`` in black); None when no setting
+    has scratch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = forest_rows(results)
+    if rows.empty:
+        return None
+    order = compared(summarise(results))  # tasks by name, settings and methods in suite order
+    panels = [key for key in dict.fromkeys(zip(order.task, order.setting, strict=True))
+              if key in set(zip(rows.task, rows.setting, strict=True))]
+    methods = [m for m in dict.fromkeys(order.method) if m in set(rows.method)][::-1]  # first on top
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 0.32 * len(methods) * lines + 1.2),
+                             sharey=True, squeeze=False)
+    for ax, (task, setting) in zip(axes.flat, panels, strict=False):
+        mine = rows[(rows.task == task) & (rows.setting == setting)].set_index("method")
+        for y, method in enumerate(methods):
+            if method not in mine.index:
+                continue
+            row = mine.loc[method]
+            colour = "black" if method == focus else "tab:blue"
+            ax.errorbar(row.gain_pct, y, xerr=[[row.gain_pct - row.low_pct], [row.high_pct - row.gain_pct]],
+                        fmt="o", color=colour, markersize=4, capsize=2, linewidth=1.2)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_title(f"{task} / {setting}", fontsize=9)
+        ax.set_xlabel("gain over scratch (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0, 0].set_yticks(range(len(methods)), methods)
+    fig.suptitle("Gain over scratch: mean over seeds and 95% interval (paired by seed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: Path) -> Path:
     """Write ``report.md`` and the plots for the runs stored in ``out``."""
     results_path = Path(out) / "results.csv"
@@ -515,6 +583,8 @@ def write_report(out: Path) -> Path:
              "(positive = better); *beats scratch* counts the seeds on which the method's "
              "test metric is better than scratch's on the same seed.", ""]
     methods = compared(summary)
+    if forest_plot(results, Path(out) / "forest.png") is not None:
+        lines += ["![gain over scratch with 95% intervals](forest.png)", ""]
     if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["## Relative improvement over scratch, every setting", "",
                   "Mean test metric against scratch's, in percent (positive = better); the average "

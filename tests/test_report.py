@@ -164,3 +164,19 @@ def test_versus_table_by_hand():
                          "| b | n.s. (p 1.000) | n/a | 0 / 0 |",
                          "| c | worse (p 0.005) | n/a | 0 / 1 |",
                          "| dkd | n/a | n.s. (p 0.126) | 0 / 0 |"]
+
+
+def test_forest_rows_by_hand(tmp_path):
+    from talkingmodels.report import forest_rows
+
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0, 1.0]) + rows("td", [0.9, 1.1, 0.8]))
+    row = forest_rows(results).set_index("method").loc["td"]
+    # oriented differences (scratch - td, RMSE): 0.1, -0.1, 0.2; mean 0.0667, sd 0.15275;
+    # 95% t interval: 0.0667 +- 4.3027 * 0.15275 / sqrt(3) = [-0.31279, 0.44612]; in percent of
+    # scratch's mean 1.0
+    assert row.gain_pct == pytest.approx(6.6667, abs=1e-3)
+    assert (row.low_pct, row.high_pct) == (pytest.approx(-31.279, abs=1e-2), pytest.approx(44.612, abs=1e-2))
+    assert row.n == 3
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert "![gain over scratch with 95% intervals](forest.png)" in write_report(tmp_path).read_text()
+    assert (tmp_path / "forest.png").stat().st_size > 0

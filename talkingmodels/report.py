@@ -302,7 +302,7 @@ def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str =
 def versus_table(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
     """``focus`` against every other method on every setting of a store, paired by seed:
     "better" or "worse" where the paired t-test says so at 5%, else "n.s.", with its p; the
-    last column counts the settings each way. The README's plain words on where TD wins
+    last column counts the settings each way. docs/results.md's plain words on where TD wins
     are read off this table."""
     from talkingmodels.analysis import paired_comparison
 
@@ -518,7 +518,7 @@ def forest_rows(results: pd.DataFrame) -> pd.DataFrame:
             continue
         higher, scale = get_task(task).metric.higher_is_better, 100.0 / values[REFERENCE].mean()
         for method in dict.fromkeys(group.method):
-            if method == REFERENCE:
+            if method == REFERENCE or method not in values:  # (a method whose runs all failed)
                 continue
             test = paired_comparison(values[method], values[REFERENCE], higher)
             rows.append({"task": task, "setting": setting, "method": method, "n": test["n"],
@@ -665,9 +665,9 @@ def compute_table(results: pd.DataFrame) -> str:
 
 
 def readme_block(out: Path) -> str:
-    """The results of a runs store as the README shows them: the table of every method's
+    """The results of a runs store as a doc (docs/results.md) shows them: the table of every method's
     gain over scratch across settings, each task's settings side by side, and for each
-    setting TD's paired comparison with the best other method. Generated, so the README
+    setting TD's paired comparison with the best other method. Generated, so the doc
     never carries a number typed by hand."""
     results = pd.read_csv(Path(out) / "results.csv")
     summary = summarise(results)

@@ -1,4 +1,5 @@
-"""The README's Python example runs as written."""
+"""The README and the docs: short front door, every Python example runs as written, every
+relative link resolves, and every generated results block equals its store."""
 
 from __future__ import annotations
 
@@ -8,27 +9,44 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
-    """Both library examples (plain PyTorch, Hugging Face) through distill and DataLoaders."""
-    monkeypatch.chdir(tmp_path)  # the first one saves its student in the working directory
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2, "the README has no python examples"
-    accuracies = []
-    for block in blocks:
-        assert "distill(" in block and "DataLoader(" in block
-        scope: dict = {}
-        exec(compile(block, str(README), "exec"), scope)
-        accuracies.append(scope["result"].test)
-    assert capsys.readouterr().out.count("test accuracy") == len(blocks)
-    # the distilled students really learned their tasks (chance is 0.5)
-    assert min(accuracies) > 0.8, accuracies
-    assert (tmp_path / "distilled-student" / "model.safetensors").is_file()
-
-
 ROOT = README.parent
-DOCS = ("README.md", "docs/experiments.md")  # the Markdown files with generated results blocks
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+EXAMPLES = [(page, index, block) for page in PAGES
+            for index, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))]
+
+
+def test_the_readme_is_a_short_front_door():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    assert text.startswith("# talkingmodels\n") and "bash setup.sh" in text.split("##")[0]
+
+
+@pytest.mark.parametrize("page,index,block", EXAMPLES,
+                         ids=[f"{page.relative_to(ROOT)}-{index}" for page, index, _ in EXAMPLES])
+def test_python_examples_run(page, index, block, capsys, tmp_path, monkeypatch):
+    """The library examples (plain PyTorch, Hugging Face) through distill and DataLoaders."""
+    monkeypatch.chdir(tmp_path)  # an example may save its student in the working directory
+    assert "distill(" in block and "DataLoader(" in block
+    scope: dict = {}
+    exec(compile(block, str(page), "exec"), scope)
+    assert "test accuracy" in capsys.readouterr().out
+    assert scope["result"].test > 0.8  # the distilled student really learned (chance is 0.5)
+
+
+def test_the_readme_and_the_library_page_have_examples():
+    pages = {page.name for page, _, _ in EXAMPLES}
+    assert {"README.md", "library.md"} <= pages
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
+        if "://" not in target:
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+DOCS = ("docs/results.md", "docs/experiments.md")  # the Markdown files with generated results blocks
 
 
 @pytest.mark.parametrize("doc", DOCS)

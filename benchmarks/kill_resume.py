@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 RUN_ID = "dense__td__0"
 
@@ -35,7 +36,7 @@ def outcome(out: Path) -> tuple:
     row = (out / "results.csv").read_text().splitlines()[1].split(",")
     keep = [row[i] for i in (5, 6, 8, 9)]  # value, val_value, best_epoch, epochs
     curves = (out / "curves" / f"{RUN_ID}.csv").read_text()
-    weights = torch.load(out / "students" / f"{RUN_ID}.pt", weights_only=True)
+    weights = load_file(out / "students" / f"{RUN_ID}.safetensors")
     return keep, curves, weights
 
 

@@ -1,4 +1,4 @@
-"""The command line: ``talkingmodels run|bench|report|methods|tasks``.
+"""The command line: ``talkingmodels run|bench|report|export|methods|tasks``.
 
 A user's mistake prints one line (``error: ...``) and exits with code 2, no traceback.
 """
@@ -110,6 +110,12 @@ def cmd_report(args) -> None:
         print(f"updated {update_readme(args.readme, args.dir)}")
 
 
+def cmd_export(args) -> None:
+    from talkingmodels.export import export_run
+
+    print(f"wrote {export_run(args.dir, args.run, args.format, args.out)}")
+
+
 def cmd_methods(_args) -> None:
     from talkingmodels.methods import METHODS
 
@@ -170,6 +176,13 @@ def build_parser() -> Parser:
     report.add_argument("--readme", type=Path, help="also regenerate DIR's results block in this "
                         "Markdown file (between its marker lines)")
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="write a stored student as a deployable file")
+    export.add_argument("dir", type=Path, help="the runs store (an output directory)")
+    export.add_argument("run", help="the run: SETTING__LABEL__SEED (its name under students/)")
+    export.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
+    export.add_argument("--out", type=Path, required=True, help="the file to write")
+    export.set_defaults(func=cmd_export)
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(func=cmd_methods)
     sub.add_parser("tasks", help="list the registered tasks").set_defaults(func=cmd_tasks)

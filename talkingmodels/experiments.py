@@ -2,14 +2,15 @@
 runs store -> the report.
 
 The store, in the output folder: ``results.csv`` (one row per finished run),
-``curves/RUN.csv`` (per-epoch losses and validation metric), ``students/RUN.pt`` (the
-selected student's weights) and, while a run trains, ``checkpoints/RUN.pt``. A run's
-curves and weights are written atomically first and its results row last (one appended
-``write``), so a grid that stops at any point keeps every finished run, and a rerun only
-does what is missing (``force`` redoes everything). A run interrupted midway continues
-from its checkpoint with ``resume``; without it, such a checkpoint is an error rather than
-being silently reused or overwritten. A checkpoint also holds its run's settings: resuming
-it under changed settings is an error.
+``curves/RUN.csv`` (per-epoch losses and validation metric), ``students/RUN.safetensors``
+(the selected student's weights; ``talkingmodels export`` makes a deployable file of them),
+``tasks.json`` (each task's options, to rebuild its students) and, while a run trains,
+``checkpoints/RUN.pt``. A run's curves and weights are written atomically first and its
+results row last (one appended ``write``), so a grid that stops at any point keeps every
+finished run, and a rerun only does what is missing (``force`` redoes everything). A run
+interrupted midway continues from its checkpoint with ``resume``; without it, such a
+checkpoint is an error rather than being silently reused or overwritten. A checkpoint also
+holds its run's settings: resuming it under changed settings is an error.
 
 Under a multi-process launcher (see :mod:`talkingmodels.distributed`) every process runs
 the grid and only the main one writes.
@@ -47,7 +48,8 @@ from talkingmodels.engine import (
     seed_everything,
 )
 from talkingmodels.errors import UserError
-from talkingmodels.io import atomic_save, atomic_write_text
+from talkingmodels.export import TASKS_FILE, save_weights
+from talkingmodels.io import atomic_write_text
 from talkingmodels.methods import get_method, supports
 from talkingmodels.states import ModelPair
 from talkingmodels.tasks import Prepared, Task, get_task
@@ -254,7 +256,8 @@ class PeakMemory:
             block.peak = max(block.peak, mark)
 
 
-def _run_id(setting: str, label: str, seed: int) -> str:
+def run_id_of(setting: str, label: str, seed) -> str:
+    """A run's name in the store's files: ``SETTING__LABEL__SEED``, as a safe file name."""
     return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")  # a safe file name
 
 
@@ -290,7 +293,7 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
             for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
     interrupted = {path: (s, cls, options) for s, label, cls, options, seed in grid
-                   if (path := out / "checkpoints" / f"{_run_id(s, label, seed)}.pt").exists()}
+                   if (path := out / "checkpoints" / f"{run_id_of(s, label, seed)}.pt").exists()}
     if interrupted and not (resume or force):
         raise UserError(f"{out} holds {len(interrupted)} interrupted run(s) ({next(iter(interrupted)).name}"
                         ", ...): add --resume to continue them, or --force to start over")
@@ -310,11 +313,13 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
                     build_method(prep, cls, options, seed=0)
     if force and distributed.is_main():  # only now: a config mistake must not cost old results
         for path in (results, out / "curves.csv", *out.glob("curves/*.csv"),
-                     *out.glob("students/*.pt"), *out.glob("checkpoints/*.pt")):
+                     *out.glob("students/*.pt"), *out.glob("students/*.safetensors"),
+                     *out.glob("checkpoints/*.pt")):
             path.unlink(missing_ok=True)
     distributed.barrier()
     if distributed.is_main():
         _upgrade(results)
+        _record_task_options(out, exp)
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
     teacher_test: dict[str, object] = {}  # per setting: the teacher's pooled test states at h
@@ -326,6 +331,15 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
         bar.close()
     distributed.barrier()
     return write_report(out) if distributed.is_main() else out / "report.md"
+
+
+def _record_task_options(out: Path, exp: Experiment) -> None:
+    """Keep each task's options in the store (``tasks.json``): what ``talkingmodels export``
+    needs to rebuild a run's student."""
+    path = out / TASKS_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded[exp.task.name] = json.loads(json.dumps(exp.config.task_options, default=str))
+    atomic_write_text(path, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
 
 
 def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:
@@ -400,7 +414,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
                 "status": f"n/a: needs {' or '.join(cls.outputs)} outputs"}])
         return
     method = build_method(prep, cls, options, seed)
-    run_id = _run_id(prep.setting, label, seed)
+    run_id = run_id_of(prep.setting, label, seed)
     board = _TensorBoard(tensorboard / run_id if tensorboard and distributed.is_main() else None)
 
     def on_epoch(row):
@@ -434,7 +448,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
                   for row in result.history for name, value in row.items()
                   if name not in ("epoch", "stage")]
     atomic_write_text(out / "curves" / f"{run_id}.csv", _csv_text(CURVE_COLUMNS, curve_rows))
-    atomic_save(method.student.state_dict(), out / "students" / f"{run_id}.pt")
+    save_weights(method.student, out / "students" / f"{run_id}.safetensors")
     _append(out / "results.csv", RESULT_COLUMNS, [{
         **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",

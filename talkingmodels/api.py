@@ -39,7 +39,6 @@ TASKS: dict[str, tuple[Callable, Metric]] = {
     "classification": (F.cross_entropy, losses.ACCURACY),
     "regression": (losses.mse, losses.RMSE),
 }
-METRICS = {"accuracy": losses.ACCURACY, "rmse": losses.RMSE}
 CACHES = (False, True, "memory", "disk")
 WEIGHTS, META = "model.safetensors", "talkingmodels.json"
 
@@ -121,9 +120,9 @@ def _task(task, metric) -> tuple[Callable, Metric | None, OutputKind | None]:
         return loss, default, output
     if isinstance(metric, Metric):
         return loss, metric, output
-    if metric in METRICS:
-        return loss, METRICS[metric], output
-    raise UserError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}, or a "
+    if metric in losses.METRICS:
+        return loss, losses.METRICS[metric], output
+    raise UserError(f"unknown metric {metric!r}; valid metrics: {', '.join(losses.METRICS)}, or a "
                     "talkingmodels.losses.Metric(name, fn, higher_is_better)")
 
 

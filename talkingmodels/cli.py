@@ -39,9 +39,13 @@ def cmd_bench(args) -> None:
     from talkingmodels import distributed, suites
     from talkingmodels.config import validate
     from talkingmodels.experiments import ExperimentConfig, PeakMemory, resolve, run_experiment
-    from talkingmodels.tasks import TASKS, get_task
+    from talkingmodels.tasks import benchmarks, get_task
 
-    names = sorted(TASKS) if args.task == "all" else [args.task]
+    names = benchmarks() if args.task == "all" else [args.task]
+    if unknown := [name for name in names if name not in benchmarks()]:
+        get_task(unknown[0])  # an unknown name: the registry's error lists the tasks
+        raise UserError(f"task {unknown[0]!r} has no benchmark (its models and data come from a "
+                        f"config: talkingmodels run CONFIG.yaml); benchmarks: {', '.join(benchmarks())}")
     if args.task == "all" and args.settings:
         raise UserError("--settings names one task's settings; it cannot be used with bench all")
     tasks = [get_task(name) for name in names]

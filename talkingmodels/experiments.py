@@ -36,10 +36,12 @@ from tqdm.auto import tqdm
 
 from talkingmodels import analysis, distributed
 from talkingmodels.config import validate
+from talkingmodels.data import Split, as_loader, iterate
 from talkingmodels.engine import (
     NumericalFault,
     TrainConfig,
     device_of,
+    first_batch,
     fit,
     load_checkpoint,
     place,
@@ -56,7 +58,7 @@ from talkingmodels.tasks import Prepared, Task, get_task
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
                   "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
-                  "status", "cka", "cka_classes", "class_metric", "peak_gib"]
+                  "status", "cka", "cka_classes", "class_metric", "peak_gib", "higher_is_better"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
 
 
@@ -166,7 +168,7 @@ def build_method(prepared: Prepared, cls: type, options, seed: int):
     method = cls(pair, options)
     device = device_of(teacher)
     place(method, device)
-    method.setup(prepared.splits.train.batch(slice(0, 4)).to(device))
+    method.setup(first_batch(as_loader(prepared.splits.train, 4, shuffle=False), 4).to(device))
     return method
 
 
@@ -307,7 +309,8 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     with distributed.main_first():
         for setting in dict.fromkeys(s for s, *_ in grid):
             prepared[setting] = prep = task.prepare(setting)
-            precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers)
+            if isinstance(prep.splits.train, Split):  # (a task's own loaders run the teacher online)
+                precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers or ())
             for _, cls, options in exp.methods:
                 if supports(cls, prep.output):  # (the others get an n/a row, not a run)
                     build_method(prep, cls, options, seed=0)
@@ -331,6 +334,11 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
         bar.close()
     distributed.barrier()
     return write_report(out) if distributed.is_main() else out / "report.md"
+
+
+def _metric_cells(task: Task) -> dict:
+    """The metric of a results row: its name and direction (the report reads both)."""
+    return {"metric": task.metric.name, "higher_is_better": task.metric.higher_is_better}
 
 
 def _record_task_options(out: Path, exp: Experiment) -> None:
@@ -384,15 +392,20 @@ def representation(prep: Prepared, student, teacher_test: dict, batch_size: int)
     its state at ``h`` and the teacher's on the test split (pooled per example), and for
     classification the same per class and the per-class test accuracy, as JSON cells."""
     test = prep.splits.test
-    if prep.setting not in teacher_test:
-        teacher_test[prep.setting] = analysis.pooled_states(
-            prep.teacher, prep.teacher_layers[1], test, "teacher", batch_size)
-    mine = analysis.pooled_states(student, prep.student_layers[1], test, "student", batch_size)
-    row = {"cka": f"{analysis.linear_cka(mine, teacher_test[prep.setting]):.6f}"}
+    if not isinstance(test, Split):  # a task's own loader: its examples in order, as tensors
+        test = Split.from_batches(iterate(as_loader(test, batch_size, shuffle=False), batch_size))
+    row = {}
+    if prep.student_layers and prep.teacher_layers:  # (a task may name no layers)
+        if prep.setting not in teacher_test:
+            teacher_test[prep.setting] = analysis.pooled_states(
+                prep.teacher, prep.teacher_layers[1], test, "teacher", batch_size)
+        mine = analysis.pooled_states(student, prep.student_layers[1], test, "student", batch_size)
+        row["cka"] = f"{analysis.linear_cka(mine, teacher_test[prep.setting]):.6f}"
+        if prep.output == "classification":
+            cell = {c: None if math.isnan(v) else round(v, 6) for c, v in analysis.per_class_cka(
+                mine, teacher_test[prep.setting], test.target).items()}
+            row["cka_classes"] = json.dumps(cell)
     if prep.output == "classification":
-        cell = {c: None if math.isnan(v) else round(v, 6)
-                for c, v in analysis.per_class_cka(mine, teacher_test[prep.setting], test.target).items()}
-        row["cka_classes"] = json.dumps(cell)
         accuracy = analysis.class_accuracy(predict(student, test, batch_size), test.target)
         row["class_metric"] = json.dumps({c: round(v, 6) for c, v in accuracy.items()})
     return row
@@ -409,7 +422,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         bar.update()
         if distributed.is_main():
             _append(out / "results.csv", RESULT_COLUMNS, [{
-                **key, "metric": task.metric.name, "value": "nan", "val_value": "nan",
+                **key, **_metric_cells(task), "value": "nan", "val_value": "nan",
                 "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
                 "status": f"n/a: needs {' or '.join(cls.outputs)} outputs"}])
         return
@@ -436,7 +449,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
             return
         tqdm.write(f"run {prep.setting} {label} seed {seed} failed: {fault}", file=sys.stderr)
         _append(out / "results.csv", RESULT_COLUMNS, [{
-            **key, "metric": task.metric.name, "value": "nan", "val_value": "nan",
+            **key, **_metric_cells(task), "value": "nan", "val_value": "nan",
             "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
             "extra_params": method.extra_parameter_count(), "status": f"failed: {fault}"}])
         return
@@ -450,7 +463,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
     atomic_write_text(out / "curves" / f"{run_id}.csv", _csv_text(CURVE_COLUMNS, curve_rows))
     save_weights(method.student, out / "students" / f"{run_id}.safetensors")
     _append(out / "results.csv", RESULT_COLUMNS, [{
-        **key, "metric": task.metric.name, "value": f"{result.test:.6f}",
+        **key, **_metric_cells(task), "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
         "best_epoch": result.best_epoch, "epochs": result.epochs,
         "seconds": f"{result.seconds:.2f}", "peak_gib": f"{memory.peak:.3f}",

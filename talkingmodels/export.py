@@ -99,8 +99,11 @@ def stored_student(store: Path, run_id: str):
     except RuntimeError as exc:
         raise UserError(f"the weights of run {run_id!r} do not fit the task's student: "
                         f"{str(exc).splitlines()[0]}") from None
-    test = prepared.splits.test
-    return student, test.batch(slice(0, 8)), test.lengths is not None
+    from talkingmodels.data import as_loader
+    from talkingmodels.engine import first_batch
+
+    batch = first_batch(as_loader(prepared.splits.test, 8, shuffle=False), 8)
+    return student, batch, batch.lengths is not None
 
 
 def export_run(store: Path, run_id: str, fmt: str, out: Path) -> Path:

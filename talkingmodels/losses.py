@@ -57,6 +57,7 @@ class Metric:
 
 ACCURACY = Metric("accuracy", accuracy, higher_is_better=True)
 RMSE = Metric("rmse", rmse, higher_is_better=False)
+METRICS = {metric.name: metric for metric in (ACCURACY, RMSE)}  # the metrics known by name
 
 
 # ------------------------------------------------------------------ modern KD baselines

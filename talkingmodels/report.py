@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from talkingmodels.errors import UserError
+from talkingmodels.losses import METRICS
 from talkingmodels.tasks import get_task
 
 REFERENCE = "scratch"
@@ -19,6 +20,18 @@ def relative_gain(value: float, reference: float, higher_is_better: bool) -> flo
     return 100.0 * change / reference
 
 
+def _higher(frame: pd.DataFrame) -> bool:
+    """Whether the metric of these rows (one task's) improves upwards: as the store recorded
+    it per run (``higher_is_better``; a summary's ``higher``), else from the metric's name
+    (accuracy, rmse), else, for a store of an older layout, from its task."""
+    for column in ("higher", "higher_is_better"):
+        if column in frame and len(known := frame[column].dropna()):
+            return str(known.iloc[0]) == "True"  # (a CSV cell reads as a bool or as text)
+    if "metric" in frame and frame.metric.iloc[0] in METRICS:
+        return METRICS[frame.metric.iloc[0]].higher_is_better
+    return get_task(frame.task.iloc[0]).metric.higher_is_better
+
+
 def _na_runs(results: pd.DataFrame) -> pd.Series:
     """Which rows of a store are n/a (a method with no meaning for the task), not runs."""
     return results.get("status", pd.Series("ok", index=results.index)).astype(str).str.startswith("n/a")
@@ -28,19 +41,20 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, setting, method): mean, std, n, gain over scratch, paired wins."""
     rows = []
     for (task, setting), group in results.groupby(["task", "setting"], sort=False):
-        higher = get_task(task).metric.higher_is_better
+        higher = _higher(group)
         reference = group[group.method == REFERENCE].set_index("seed")["value"].dropna()
         for method, runs in group.groupby("method", sort=False):
             na = _na_runs(runs)
             if na.all():  # the method has no meaning for this task (e.g. class logits on ratings)
                 rows.append({"task": task, "setting": setting, "method": method, "na": True,
+                             "higher": higher,
                              "metric": runs.metric.iloc[0], "n": 0, "failed": 0,
                              "teacher": runs.teacher_value.iloc[0], "extra_params": 0})
                 continue
             runs = runs[~na]
             failed = runs[runs.value.isna()]  # kept in the store, shown, not averaged
             values = runs.set_index("seed")["value"].dropna()
-            row = {"task": task, "setting": setting, "method": method,
+            row = {"task": task, "setting": setting, "method": method, "higher": higher,
                    "metric": runs.metric.iloc[0], "mean": values.mean(),
                    "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values),
                    "val_mean": runs.val_value.mean(),
@@ -140,7 +154,7 @@ def overview_table(summary: pd.DataFrame) -> str:
             cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", _gain_text(r)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     cells = []  # the frozen teacher with its task head, for scale (one value: no seeds)
-    higher = get_task(summary.task.iloc[0]).metric.higher_is_better
+    higher = _higher(summary)
     for setting in settings:
         rows = summary[summary.setting == setting]
         scratch, teacher = rows[rows.method == REFERENCE], rows.teacher.iloc[0]
@@ -197,7 +211,7 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame) -> str:
     the variant is better) with the paired t-test, and CKA with the teacher."""
     from talkingmodels.analysis import paired_comparison
 
-    higher = get_task(summary.task.iloc[0]).metric.higher_is_better
+    higher = _higher(summary)
     table = _values(results)
     metric = summary.metric.iloc[0]
     lines = [f"| variant | change from td | test {metric} | gain vs scratch | vs td | p (paired t) | "
@@ -236,7 +250,7 @@ def ablation_overview(summary: pd.DataFrame) -> str:
             if row.empty or td.empty or _na(row.iloc[0]):
                 cells.append("n/a")
                 continue
-            higher = get_task(task).metric.higher_is_better
+            higher = _higher(summary[summary.task == task])
             cells.append(f"{relative_gain(row.iloc[0]['mean'], td.iloc[0]['mean'], higher):+.2f}%")
         if set(cells) != {"n/a"}:
             change = "no distillation" if label == REFERENCE else _change(label)
@@ -255,7 +269,7 @@ def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
     and the exact Wilcoxon signed-rank p-values, and the seeds on which ``focus`` wins."""
     from talkingmodels.analysis import paired_comparison
 
-    higher = get_task(results.task.iloc[0]).metric.higher_is_better
+    higher = _higher(results)
     table = _values(results)
     if focus not in table:
         return ""
@@ -274,7 +288,7 @@ def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
 
 def best_other(summary: pd.DataFrame, focus: str = "td") -> str | None:
     """The method other than ``focus`` (and scratch) with the best mean test metric."""
-    higher = get_task(summary.task.iloc[0]).metric.higher_is_better
+    higher = _higher(summary)
     others = summary[(summary.method != focus) & (summary.method != REFERENCE) & ~summary.na.astype(bool)]
     others = others.dropna(subset=["mean"])
     if others.empty:
@@ -290,7 +304,7 @@ def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str =
     table = _values(results)
     if other is None or focus not in table or other not in table:
         return ""
-    c = paired_comparison(table[focus], table[other], get_task(summary.task.iloc[0]).metric.higher_is_better)
+    c = paired_comparison(table[focus], table[other], _higher(summary))
     word = "better" if c["mean_diff"] > 0 else "worse"
     claim = ("the difference is significant at 5%" if c["significant"] else
              "the difference is **not** significant at 5%")
@@ -316,7 +330,7 @@ def versus_table(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td"
             continue
         cells, counts = [], {"better": 0, "worse": 0, "n.s.": 0}
         for (task, _), table in tables.items():
-            c = (paired_comparison(table[focus], table[other], get_task(task).metric.higher_is_better)
+            c = (paired_comparison(table[focus], table[other], _higher(summary[summary.task == task]))
                  if focus in table and other in table else None)
             if c is None or pd.isna(c["p_ttest"]):
                 cells.append("n/a")
@@ -435,11 +449,10 @@ def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
     return [*lines, ""]
 
 
-def _plot_panel(ax, group: pd.DataFrame, task: str) -> None:
+def _plot_panel(ax, group: pd.DataFrame, task: str, higher: bool) -> None:
     """One axis of validation curves, methods in the suite's order: TD in black and scratch
     in grey as the references, every other method in a colour of its own (tab20: an
     ablation panel has 20 lines)."""
-    higher = get_task(task).metric.higher_is_better
     colours = iter(_colours(len(set(group.method))))
     group = group.sort_values("method", kind="stable", key=_rank(_suite_order(task)[1]))
     for method, runs in group.groupby("method", sort=False):
@@ -471,9 +484,10 @@ def _colours(n: int) -> list:
     return [matplotlib.colormaps["tab20" if n > 10 else "tab10"](i % 20) for i in range(n)]
 
 
-def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
+def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame) -> list[Path]:
     """Mean validation metric per epoch and method, one PNG per (task, setting): the
-    methods in one panel and, where the setting was ablated, TD's variants in a second."""
+    methods in one panel and, where the setting was ablated, TD's variants in a second
+    (``results``: the store's rows, for each task's metric direction)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,7 +504,7 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
             panels.append(("TD's ablations", group[variants | references]))
         fig, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 4.4), squeeze=False)
         for ax, (title, rows) in zip(axes[0], panels, strict=True):
-            _plot_panel(ax, rows, task)
+            _plot_panel(ax, rows, task, _higher(results[results.task == task]))
             ax.set_title(title, fontsize=10)
         metric = group.name.iloc[0][len("val_"):]
         axes[0][0].set_ylabel(f"validation {metric} (mean over seeds)")
@@ -516,7 +530,7 @@ def forest_rows(results: pd.DataFrame) -> pd.DataFrame:
         values = group.pivot_table(index="seed", columns="method", values="value")
         if REFERENCE not in values:
             continue
-        higher, scale = get_task(task).metric.higher_is_better, 100.0 / values[REFERENCE].mean()
+        higher, scale = _higher(group), 100.0 / values[REFERENCE].mean()
         for method in dict.fromkeys(group.method):
             if method == REFERENCE or method not in values:  # (a method whose runs all failed)
                 continue
@@ -623,7 +637,7 @@ def write_report(out: Path) -> Path:
     if (Path(out) / "curves.csv").is_file():  # the single-file layout of older stores
         curve_files.append(Path(out) / "curves.csv")
     if curve_files:
-        plot_curves(pd.concat([pd.read_csv(path) for path in curve_files]), Path(out))
+        plot_curves(pd.concat([pd.read_csv(path) for path in curve_files]), Path(out), results)
     summary.to_csv(Path(out) / "summary.csv", index=False)
     report = Path(out) / "report.md"
     report.write_text("\n".join(lines))

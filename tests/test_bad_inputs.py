@@ -99,6 +99,20 @@ def missing_data(config, tmp_path):
     return ["data_dir", str(tmp_path / "empty"), "does not hold u.data and u.item"]
 
 
+def custom_task(**options):
+    """A custom-task config with a teacher and student from torch and ``options`` over them."""
+    def change(config, _tmp_path):
+        named, linear = options.pop("_names"), {"in_features": 3, "out_features": 2}
+        config.clear()
+        config.update({"task": "custom", "seeds": 1, "methods": [{"name": "scratch"}],
+                       "train": {"epochs": 1}, "task_options": {
+                           "teacher": {"class": "torch.nn:Linear", "args": linear},
+                           "student": {"class": "torch.nn:Linear", "args": linear},
+                           "data": {"function": "builtins:tuple"}, **options}})
+        return named
+    return run_with(change)
+
+
 def absent_data_dir(config, tmp_path):
     config["task_options"].update(data_dir=str(tmp_path / "absent"), cache_dir=str(tmp_path / "c"))
     return ["data_dir", str(tmp_path / "absent"), "does not exist"]
@@ -205,6 +219,22 @@ CASES = {
     # data
     "missing data": run_with(missing_data),
     "data_dir that does not exist": run_with(absent_data_dir),
+    "method import path of a missing module": setting(
+        "methods.1.name", "nowhere.mod:Thing", "'nowhere.mod:Thing'", "no module named 'nowhere'"),
+    "method import path of a missing class": setting(
+        "methods.1.name", "talkingmodels.losses:Nothing", "has no attribute 'Nothing'"),
+    "method import path of something not a Distiller": setting(
+        "methods.1.name", "talkingmodels.losses:mse", "not a talkingmodels.methods.Distiller"),
+    "method that is not an import path": setting("methods.1.name", "td.py", "'td.py'", "valid methods"),
+    "custom teacher class that does not exist": custom_task(
+        teacher={"class": "torch.nn:Nope"}, _names=["teacher 'torch.nn:Nope'", "no attribute 'Nope'"]),
+    "custom student that is not a model": custom_task(
+        student={"class": "collections:OrderedDict"}, _names=["student", "not a torch nn.Module"]),
+    "custom data function with a bad return": custom_task(
+        _names=["data function 'builtins:tuple'", "must return (train, val, test)"]),
+    "custom data function called with bad args": custom_task(
+        data={"function": "builtins:len", "args": {"size": 3}}, _names=["'builtins:len'", "args"]),
+    "custom task without data": custom_task(data={}, _names=["'function' or 'hf_dataset'"]),
     "unknown device": run_with(extra=("--device", "gpu"), names=("'gpu'", "auto, cpu, cuda, cuda:N")),
     "CUDA device that does not exist": run_with(extra=("--device", "cuda:3"), names=("'cuda:3'",)),
     "fp16 on the CPU": run_with(extra=("--device", "cpu", "--mixed-precision", "fp16"),

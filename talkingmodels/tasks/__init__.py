@@ -1,7 +1,7 @@
 """Benchmark tasks. Importing this package registers all of them."""
 
-from talkingmodels.tasks import movielens, text, vision  # noqa: F401
+from talkingmodels.tasks import custom, movielens, text, vision  # noqa: F401
 from talkingmodels.tasks.base import Prepared, Task, TaskConfig
-from talkingmodels.tasks.registry import TASKS, get_task, register
+from talkingmodels.tasks.registry import TASKS, benchmarks, get_task, register
 
-__all__ = ["TASKS", "Prepared", "Task", "TaskConfig", "get_task", "register"]
+__all__ = ["TASKS", "Prepared", "Task", "TaskConfig", "benchmarks", "get_task", "register"]

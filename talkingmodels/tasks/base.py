@@ -67,6 +67,8 @@ class Task:
     method_options: ClassVar[dict[str, dict]] = {}
     # Where the ablation suite runs (suites.py): the cheaper settings of a costly task.
     ablation_settings: ClassVar[tuple[str, ...] | None] = None  # None: default_settings
+    # Whether `bench` runs it (a task of fixed data and models; `custom` is the user's own).
+    benchmark: ClassVar[bool] = True
 
     def __init__(self, config: TaskConfig):
         self.config = config

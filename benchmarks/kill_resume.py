@@ -24,6 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from talkingmodels.store import read_curves
+
 RUN_ID = "dense__td__0"
 
 
@@ -35,7 +37,7 @@ def outcome(out: Path) -> tuple:
     """What a finished run leaves: its results row, curves and selected student weights."""
     row = (out / "results.csv").read_text().splitlines()[1].split(",")
     keep = [row[i] for i in (5, 6, 8, 9)]  # value, val_value, best_epoch, epochs
-    curves = (out / "curves" / f"{RUN_ID}.csv").read_text()
+    curves = read_curves(out).to_csv(index=False)
     weights = load_file(out / "students" / f"{RUN_ID}.safetensors")
     return keep, curves, weights
 

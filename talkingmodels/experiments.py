@@ -1,13 +1,13 @@
 """Experiments: a validated config -> a grid of task settings x methods x seeds -> the
 runs store -> the report.
 
-The store, in the output folder: ``results.csv`` (one row per finished run),
-``curves/RUN.csv`` (per-epoch losses and validation metric), ``students/RUN.safetensors``
-(the selected student's weights; ``talkingmodels export`` makes a deployable file of them),
-``tasks.json`` (each task's options, to rebuild its students) and, while a run trains,
-``checkpoints/RUN.pt``. A run's curves and weights are written atomically first and its
-results row last (one appended ``write``), so a grid that stops at any point keeps every
-finished run, and a rerun only does what is missing (``force`` redoes everything). A run
+The store, in the output folder (:mod:`talkingmodels.store`): ``results.csv`` (one row per
+finished run), ``curves.csv.gz`` (per-epoch losses and validation metric),
+``students/RUN.safetensors`` (the selected student's weights; ``talkingmodels export`` makes
+a deployable file of them), ``tasks.json`` (each task's options, to rebuild its students)
+and, while a run trains, ``checkpoints/RUN.pt``. A run's curves and weights are written first
+and its results row last (one appended ``write``), so a grid that stops at any point keeps
+every finished run, and a rerun only does what is missing (``force`` redoes everything). A run
 interrupted midway continues from its checkpoint with ``resume``; without it, such a
 checkpoint is an error rather than being silently reused or overwritten. A checkpoint also
 holds its run's settings: resuming it under changed settings is an error.
@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from talkingmodels import analysis, distributed
+from talkingmodels import analysis, distributed, store
 from talkingmodels.config import validate
 from talkingmodels.data import Split, as_loader, iterate
 from talkingmodels.engine import (
@@ -55,11 +52,6 @@ from talkingmodels.io import atomic_write_text
 from talkingmodels.methods import get_method, supports
 from talkingmodels.states import ModelPair
 from talkingmodels.tasks import Prepared, Task, get_task
-
-RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
-                  "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
-                  "status", "cka", "cka_classes", "class_metric", "peak_gib", "higher_is_better"]
-CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
 
 
 class MethodEntry(BaseModel):
@@ -172,48 +164,6 @@ def build_method(prepared: Prepared, cls: type, options, seed: int):
     return method
 
 
-def _csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _append(path: Path, columns: list[str], rows: list[dict]) -> None:
-    # One write of a few hundred bytes in append mode: the row lands whole or not at all.
-    text = _csv_text(columns, rows, header=not path.exists())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _done(path: Path) -> set[tuple[str, str, str, str]]:
-    if not path.exists():
-        return set()
-    with open(path, newline="") as handle:
-        return {(r["task"], r["setting"], r["method"], r["seed"]) for r in csv.DictReader(handle)
-                if None not in r.values()}  # a row cut short by a crash does not count
-
-
-def _upgrade(path: Path) -> None:
-    """Rewrite a results.csv of an older layout (fewer columns) in the current one."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    if columns != RESULT_COLUMNS:
-        rows = [{**{"status": "ok"}, **{k: v for k, v in r.items() if k in RESULT_COLUMNS}}
-                for r in rows if None not in r.values()]
-        atomic_write_text(path, _csv_text(RESULT_COLUMNS, rows))
-
-
 def _high_water_mark(reset: bool = False) -> float:
     """This process's peak resident memory in GiB: on Linux the kernel's high-water mark
     (VmHWM), which ``reset`` sets back to the current size; elsewhere the peak so far
@@ -258,11 +208,6 @@ class PeakMemory:
             block.peak = max(block.peak, mark)
 
 
-def run_id_of(setting: str, label: str, seed) -> str:
-    """A run's name in the store's files: ``SETTING__LABEL__SEED``, as a safe file name."""
-    return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")  # a safe file name
-
-
 def _check_output(out: Path) -> None:
     """The output folder exists (or can be made) and is a writable directory."""
     if out.exists() and not out.is_dir():
@@ -291,11 +236,12 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
         raise UserError(f"TensorBoard folder {tensorboard} is a file, not a directory")
     results = out / "results.csv"
     task = exp.task
-    done = set() if force else _done(results)
+    store.check_layout(out)
+    done = set() if force else store.done_runs(out)
     grid = [(s, label, cls, opts, seed) for s in exp.settings for label, cls, opts in exp.methods
             for seed in exp.seeds if (task.name, s, label, str(seed)) not in done]
     interrupted = {path: (s, cls, options) for s, label, cls, options, seed in grid
-                   if (path := out / "checkpoints" / f"{run_id_of(s, label, seed)}.pt").exists()}
+                   if (path := out / "checkpoints" / f"{store.run_id_of(s, label, seed)}.pt").exists()}
     if interrupted and not (resume or force):
         raise UserError(f"{out} holds {len(interrupted)} interrupted run(s) ({next(iter(interrupted)).name}"
                         ", ...): add --resume to continue them, or --force to start over")
@@ -315,13 +261,11 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
                 if supports(cls, prep.output):  # (the others get an n/a row, not a run)
                     build_method(prep, cls, options, seed=0)
     if force and distributed.is_main():  # only now: a config mistake must not cost old results
-        for path in (results, out / "curves.csv", *out.glob("curves/*.csv"),
-                     *out.glob("students/*.pt"), *out.glob("students/*.safetensors"),
+        for path in (results, out / store.CURVES, *out.glob("students/*.safetensors"),
                      *out.glob("checkpoints/*.pt")):
             path.unlink(missing_ok=True)
     distributed.barrier()
     if distributed.is_main():
-        _upgrade(results)
         _record_task_options(out, exp)
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
@@ -337,8 +281,11 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
 
 
 def _metric_cells(task: Task) -> dict:
-    """The metric of a results row: its name and direction (the report reads both)."""
-    return {"metric": task.metric.name, "higher_is_better": task.metric.higher_is_better}
+    """The metric of a results row: its name and direction, and the class names of a
+    classification task (the report reads them from the store)."""
+    names = json.dumps(list(task.class_names)) if task.class_names else ""
+    return {"metric": task.metric.name, "higher_is_better": task.metric.higher_is_better,
+            "class_names": names}
 
 
 def _record_task_options(out: Path, exp: Experiment) -> None:
@@ -421,13 +368,13 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
     if not supports(cls, prep.output):  # e.g. a class-distribution method on ratings
         bar.update()
         if distributed.is_main():
-            _append(out / "results.csv", RESULT_COLUMNS, [{
+            store.append_results(out, [{
                 **key, **_metric_cells(task), "value": "nan", "val_value": "nan",
                 "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
                 "status": f"n/a: needs {' or '.join(cls.outputs)} outputs"}])
         return
     method = build_method(prep, cls, options, seed)
-    run_id = run_id_of(prep.setting, label, seed)
+    run_id = store.run_id_of(prep.setting, label, seed)
     board = _TensorBoard(tensorboard / run_id if tensorboard and distributed.is_main() else None)
 
     def on_epoch(row):
@@ -448,7 +395,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         if not distributed.is_main():
             return
         tqdm.write(f"run {prep.setting} {label} seed {seed} failed: {fault}", file=sys.stderr)
-        _append(out / "results.csv", RESULT_COLUMNS, [{
+        store.append_results(out, [{
             **key, **_metric_cells(task), "value": "nan", "val_value": "nan",
             "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
             "extra_params": method.extra_parameter_count(), "status": f"failed: {fault}"}])
@@ -460,9 +407,9 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
     curve_rows = [{**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
                   for row in result.history for name, value in row.items()
                   if name not in ("epoch", "stage")]
-    atomic_write_text(out / "curves" / f"{run_id}.csv", _csv_text(CURVE_COLUMNS, curve_rows))
+    store.append_curves(out, curve_rows)
     save_weights(method.student, out / "students" / f"{run_id}.safetensors")
-    _append(out / "results.csv", RESULT_COLUMNS, [{
+    store.append_results(out, [{
         **key, **_metric_cells(task), "value": f"{result.test:.6f}",
         "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
         "best_epoch": result.best_epoch, "epochs": result.epochs,

@@ -64,7 +64,7 @@ def to_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
 
 
 def _run_row(store: Path, run_id: str) -> dict:
-    from talkingmodels.experiments import run_id_of
+    from talkingmodels.store import run_id_of
 
     results = store / "results.csv"
     if not results.is_file():

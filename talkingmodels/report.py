@@ -1,4 +1,4 @@
-"""Tables and plots from a runs store: ``results.csv`` (+ ``curves/``) -> ``report.md``,
+"""Tables and plots from a runs store: ``results.csv`` (+ ``curves.csv.gz``) -> ``report.md``,
 ``summary.csv`` and one PNG of validation curves per setting."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from talkingmodels.errors import UserError
-from talkingmodels.losses import METRICS
+from talkingmodels.store import read_curves, read_results
 from talkingmodels.tasks import get_task
 
 REFERENCE = "scratch"
@@ -21,20 +21,15 @@ def relative_gain(value: float, reference: float, higher_is_better: bool) -> flo
 
 
 def _higher(frame: pd.DataFrame) -> bool:
-    """Whether the metric of these rows (one task's) improves upwards: as the store recorded
-    it per run (``higher_is_better``; a summary's ``higher``), else from the metric's name
-    (accuracy, rmse), else, for a store of an older layout, from its task."""
-    for column in ("higher", "higher_is_better"):
-        if column in frame and len(known := frame[column].dropna()):
-            return str(known.iloc[0]) == "True"  # (a CSV cell reads as a bool or as text)
-    if "metric" in frame and frame.metric.iloc[0] in METRICS:
-        return METRICS[frame.metric.iloc[0]].higher_is_better
-    return get_task(frame.task.iloc[0]).metric.higher_is_better
+    """Whether the metric of these rows (one task's) improves upwards, as the store recorded
+    it per run (``higher_is_better``; a summary's ``higher``)."""
+    column = frame["higher" if "higher" in frame else "higher_is_better"]
+    return str(column.iloc[0]) == "True"  # (a CSV cell reads as a bool or as text)
 
 
 def _na_runs(results: pd.DataFrame) -> pd.Series:
     """Which rows of a store are n/a (a method with no meaning for the task), not runs."""
-    return results.get("status", pd.Series("ok", index=results.index)).astype(str).str.startswith("n/a")
+    return results.status.astype(str).str.startswith("n/a")
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -61,9 +56,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                    "teacher": runs.teacher_value.iloc[0], "extra_params": runs.extra_params.iloc[0],
                    "epochs": runs.best_epoch.mean(), "seconds": runs.seconds.mean(),
                    "failed": len(failed), "na": False,
-                   "cka": runs.cka.mean() if "cka" in runs else float("nan"),
+                   "cka": runs.cka.mean(),
                    # the largest of the runs' peaks (each the whole process, data and teacher too)
-                   "peak_gib": runs.peak_gib.max() if "peak_gib" in runs else float("nan")}
+                   "peak_gib": runs.peak_gib.max()}
             if len(reference):
                 row["gain_pct"] = relative_gain(values.mean(), reference.mean(), higher)
                 paired = values.index.intersection(reference.index)
@@ -385,7 +380,7 @@ def cka_section(results: pd.DataFrame, summary: pd.DataFrame, task: str, out: Pa
     lines += [f"| {m} | " + " | ".join("n/a" if pd.isna(v) else f"{v:.3f}" for v in row) + " |"
               for m, row in table.iterrows()]
     lines += ["", f"![CKA](cka_{task}.png)", ""]
-    runs = results[(results.task == task) & results.get("class_metric", pd.Series(dtype=str)).notna()]
+    runs = results[(results.task == task) & results.class_metric.notna()]
     for setting, per_setting in runs.groupby("setting", sort=False):
         lines += undistillable(per_setting, setting, task, out)
     return lines
@@ -400,7 +395,8 @@ def _per_class(runs: pd.DataFrame, column: str) -> pd.DataFrame:
             for _, r in runs.iterrows() if isinstance(r[column], str)]
     frame = pd.DataFrame(rows).groupby("method", sort=False).mean()
     frame = frame[sorted(frame.columns)].astype(float)
-    names = get_task(runs.task.iloc[0]).class_names if "task" in runs else ()
+    recorded = runs.class_names.dropna() if "class_names" in runs else ()
+    names = json.loads(recorded.iloc[0]) if len(recorded) else []  # as the store recorded them
     return frame.rename(columns=lambda c: names[c] if c < len(names) else c)
 
 
@@ -587,10 +583,7 @@ def forest_plot(results: pd.DataFrame, path: Path, focus: str = "td") -> Path | 
 
 def write_report(out: Path) -> Path:
     """Write ``report.md`` and the plots for the runs stored in ``out``."""
-    results_path = Path(out) / "results.csv"
-    if not results_path.is_file():
-        raise UserError(f"no results.csv in {out}; run an experiment first")
-    results = pd.read_csv(results_path)
+    results = read_results(out)
     summary = summarise(results)
     lines = ["# talkingmodels report", "",
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
@@ -633,11 +626,9 @@ def write_report(out: Path) -> Path:
         if len(group) < len(everything):
             lines += [f"### Ablations of TD, {task} / {setting}", "", ablation_table(everything, runs), ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
-    curve_files = sorted(Path(out).glob("curves/*.csv"))
-    if (Path(out) / "curves.csv").is_file():  # the single-file layout of older stores
-        curve_files.append(Path(out) / "curves.csv")
-    if curve_files:
-        plot_curves(pd.concat([pd.read_csv(path) for path in curve_files]), Path(out), results)
+    curves = read_curves(out)
+    if curves is not None:
+        plot_curves(curves, Path(out), results)
     summary.to_csv(Path(out) / "summary.csv", index=False)
     report = Path(out) / "report.md"
     report.write_text("\n".join(lines))
@@ -671,7 +662,7 @@ def compute_table(results: pd.DataFrame) -> str:
     for task in [*tasks, *(["all"] if len(tasks) > 1 else [])]:
         mine = results.task == task if task != "all" else results.task.notna()
         runs = trained[mine[trained.index]]
-        peak = runs["peak_gib"].max() if "peak_gib" in runs else None
+        peak = runs["peak_gib"].max()
         lines.append(f"| {task} | {len(runs)} | {int(mine.sum()) - len(runs)} | "
                      f"{_duration(runs.seconds.sum())} | "
                      f"{'-' if pd.isna(peak) else f'{peak:.2f} GiB'} |")
@@ -683,7 +674,7 @@ def readme_block(out: Path) -> str:
     gain over scratch across settings, each task's settings side by side, and for each
     setting TD's paired comparison with the best other method. Generated, so the doc
     never carries a number typed by hand."""
-    results = pd.read_csv(Path(out) / "results.csv")
+    results = read_results(out)
     summary = summarise(results)
     methods = compared(summary)
     lines = []
@@ -707,7 +698,7 @@ def readme_block(out: Path) -> str:
     if ablations := ablation_overview(summary):
         lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
                   "variant is better):", "", ablations, ""]
-    if "peak_gib" in results:  # stores from before per-run peaks were recorded keep their blocks
+    if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)
         lines += ["Runs in this store (2 CPU cores):", "", compute_table(results), ""]
     return "\n".join(lines).rstrip("\n")
 

@@ -287,8 +287,10 @@ def test_tensorboard_logs_every_loss_term_per_step_and_epoch(config, tmp_path, c
     tags = set(events.Tags()["scalars"])
     terms = {"task", "kd", "interact", "mc", "sc"}
     assert {f"step/loss_{t}" for t in terms} | {f"epoch/loss_{t}" for t in terms} | {"epoch/val_rmse"} <= tags
-    curves = read_rows(tmp_path / "out" / "curves" / "dense__td__0.csv")
-    epochs = {int(r["epoch"]) for r in curves}
+    from talkingmodels.store import read_curves
+
+    curves = read_curves(tmp_path / "out")
+    epochs = set(curves[curves.method == "td"].epoch.astype(int))
     assert [e.step for e in events.Scalars("epoch/val_rmse")] == sorted(epochs)
     steps = [e.step for e in events.Scalars("step/loss_task")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) % len(epochs) == 0

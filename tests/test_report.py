@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from talkingmodels.report import relative_gain, summarise, write_report
+from talkingmodels.store import RESULT_COLUMNS
 
 
 def test_relative_gain_by_hand():
@@ -17,10 +18,12 @@ def test_relative_gain_by_hand():
 
 
 def rows(method, values):
-    return [{"task": "movielens", "setting": "dense", "method": method, "seed": seed,
-             "metric": "rmse", "value": v, "val_value": v, "teacher_value": 0.9,
-             "best_epoch": 3, "epochs": 5, "seconds": 1.0, "extra_params": 0,
-             "method_name": method} for seed, v in enumerate(values)]
+    """A store's rows (every column of the layout) of one method on movielens/dense."""
+    return [{**dict.fromkeys(RESULT_COLUMNS), "task": "movielens", "setting": "dense",
+             "method": method, "seed": seed, "metric": "rmse", "value": v, "val_value": v,
+             "teacher_value": 0.9, "best_epoch": 3, "epochs": 5, "seconds": 1.0, "extra_params": 0,
+             "method_name": method, "status": "ok", "higher_is_better": False}
+            for seed, v in enumerate(values)]
 
 
 def test_summary_by_hand(tmp_path):

@@ -1,0 +1,110 @@
+"""The runs store: an output folder's files, their schema, and how they are written and read.
+
+* ``results.csv``: one row per finished run (``RESULT_COLUMNS``), appended in one ``write``
+  each, so a grid that stops at any point keeps every finished run whole;
+* ``curves.csv.gz``: every run's per-epoch losses and validation metric (``CURVE_COLUMNS``),
+  one gzip member appended per run before its results row (a run redone after a crash in
+  between appends its curves again: the reader keeps the last copy);
+* ``students/RUN.safetensors``: the selected student's weights; ``tasks.json``: each task's
+  options; ``checkpoints/RUN.pt`` while a run trains.
+
+A run's row records its metric and the metric's direction, and the class names of a
+classification task, so the report needs nothing but the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from talkingmodels.errors import UserError
+
+RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
+                  "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
+                  "status", "cka", "cka_classes", "class_metric", "peak_gib", "higher_is_better",
+                  "class_names"]
+CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
+RESULTS, CURVES = "results.csv", "curves.csv.gz"
+
+
+def run_id_of(setting: str, label: str, seed) -> str:
+    """A run's name in the store's files: ``SETTING__LABEL__SEED``, as a safe file name."""
+    return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")
+
+
+def csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    # One write in append mode, then fsync: the rows land whole or not at all.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_results(out: Path, rows: list[dict]) -> None:
+    path = Path(out) / RESULTS
+    _append_bytes(path, csv_text(RESULT_COLUMNS, rows, header=not path.exists()).encode())
+
+
+def append_curves(out: Path, rows: list[dict]) -> None:
+    """A run's curve rows as one gzip member (concatenated members read as one file)."""
+    path = Path(out) / CURVES
+    text = csv_text(CURVE_COLUMNS, rows, header=not path.exists())
+    _append_bytes(path, gzip.compress(text.encode(), mtime=0))
+
+
+def done_runs(out: Path) -> set[tuple[str, str, str, str]]:
+    """(task, setting, method, seed) of every run the store holds a whole row of."""
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return set()
+    with open(path, newline="") as handle:
+        return {(r["task"], r["setting"], r["method"], r["seed"]) for r in csv.DictReader(handle)
+                if None not in r.values()}  # a row cut short by a crash does not count
+
+
+def check_layout(out: Path) -> None:
+    """A clear error for a results.csv that is not of the current layout."""
+    path = Path(out) / RESULTS
+    if path.exists():
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header != RESULT_COLUMNS:
+            missing = [c for c in RESULT_COLUMNS if c not in header]
+            raise UserError(f"{path} is not of this version's layout (missing columns: "
+                            f"{', '.join(missing) or 'none; other order'}); write a new store")
+
+
+def read_results(out: Path) -> pd.DataFrame:
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        raise UserError(f"no results.csv in {out}; run an experiment first")
+    check_layout(out)
+    return pd.read_csv(path)
+
+
+def read_curves(out: Path) -> pd.DataFrame | None:
+    """Every run's curves (the last copy of a run whose curves were appended twice)."""
+    path = Path(out) / CURVES
+    if not path.is_file():
+        return None
+    curves = pd.read_csv(path, compression="gzip")
+    identity = ["task", "setting", "method", "seed", "epoch", "stage", "name"]
+    return curves.drop_duplicates(identity, keep="last").reset_index(drop=True)

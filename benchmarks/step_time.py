@@ -53,9 +53,9 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
 
     import torch
 
-    from talkingmodels.config import validate
+    from talkingmodels.config import ExperimentConfig, resolve, validate
     from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_epoch, train_step
-    from talkingmodels.experiments import ExperimentConfig, build_method, resolve
+    from talkingmodels.runner import build_method
 
     torch.set_num_threads(args.threads)
     options = {"data_dir": args.data_dir} if args.data_dir and task == "movielens" else {}

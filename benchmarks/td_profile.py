@@ -42,9 +42,9 @@ def median_ms(fn, steps: int, warmup: int = 5) -> float:
 
 def profile_task(name: str, args) -> dict:
     from talkingmodels import taps
-    from talkingmodels.config import validate
+    from talkingmodels.config import ExperimentConfig, resolve, validate
     from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_step
-    from talkingmodels.experiments import ExperimentConfig, build_method, resolve
+    from talkingmodels.runner import build_method
 
     options = {"data_dir": args.data_dir} if args.data_dir and name == "movielens" else {}
     exp = resolve(validate(ExperimentConfig, {

@@ -29,8 +29,8 @@ def worker(method_name: str, cached: bool, setting: str, threads: int) -> dict:
     import torch
 
     from talkingmodels.engine import make_optimizer
-    from talkingmodels.experiments import build_method
     from talkingmodels.methods import METHODS
+    from talkingmodels.runner import build_method
     from talkingmodels.tasks.vision import FashionVision, VisionConfig
 
     torch.set_num_threads(threads)

@@ -25,7 +25,9 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_run(args) -> None:
-    from talkingmodels.experiments import PeakMemory, load_config, run_experiment
+    from talkingmodels.config import load_config
+    from talkingmodels.probes import PeakMemory
+    from talkingmodels.runner import run_experiment
 
     start = time.perf_counter()
     exp = load_config(args.config, train=_train_options(args))
@@ -37,8 +39,9 @@ def cmd_run(args) -> None:
 
 def cmd_bench(args) -> None:
     from talkingmodels import distributed, suites
-    from talkingmodels.config import validate
-    from talkingmodels.experiments import ExperimentConfig, PeakMemory, resolve, run_experiment
+    from talkingmodels.config import ExperimentConfig, resolve, validate
+    from talkingmodels.probes import PeakMemory
+    from talkingmodels.runner import run_experiment
     from talkingmodels.tasks import benchmarks, get_task
 
     names = benchmarks() if args.task == "all" else [args.task]

@@ -124,8 +124,8 @@ def train_one_epoch(prepared, name: str, metric, batch_size: int):
     """Train method ``name`` for one epoch on a prepared setting: (its result, whether the
     frozen teacher's weights stayed exactly the same)."""
     from talkingmodels.engine import TrainConfig, fit
-    from talkingmodels.experiments import build_method
     from talkingmodels.methods import METHODS
+    from talkingmodels.runner import build_method
 
     if name.startswith("test-"):
         pytest.skip("registered by another test")

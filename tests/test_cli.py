@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from talkingmodels import cli, experiments
+from talkingmodels import cli, runner
+from talkingmodels.config import load_config
 from talkingmodels.methods import METHODS
 from talkingmodels.tasks import TASKS
 
@@ -81,7 +82,7 @@ def no_grid(monkeypatch):
         clock[0] += 42.0
         return Path(out) / "report.md"
 
-    monkeypatch.setattr(experiments, "run_experiment", fake_run)
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
     monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     return calls
 
@@ -188,7 +189,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 def test_shipped_configs_validate(path):
     if path is None:
         pytest.skip("no configs/*.yaml in the repo")
-    exp = experiments.load_config(path)
+    exp = load_config(path)
     assert exp.methods and exp.settings and exp.seeds
 
 

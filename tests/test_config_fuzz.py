@@ -7,8 +7,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from talkingmodels.config import load_config
 from talkingmodels.errors import UserError
-from talkingmodels.experiments import load_config
 
 KEYS = ["task", "settings", "task_options", "methods", "seeds", "train", "out", "name", "label",
         "rounds", "message_dim", "w1", "channel", "epochs", "lr", "data_dir", "teacher",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from talkingmodels import experiments
+from talkingmodels import runner
 from talkingmodels.engine import TrainConfig, evaluate, fit
 from talkingmodels.methods import METHODS
 from talkingmodels.tasks.movielens import MovieLens
@@ -15,7 +15,7 @@ TRAIN = TrainConfig(epochs=8, batch_size=64, lr=1e-2, patience=8)
 
 def run(prepared, name: str, seed: int, train: TrainConfig = TRAIN, **options):
     cls = METHODS[name]
-    method = experiments.build_method(prepared, cls, cls.Config(**options), seed)
+    method = runner.build_method(prepared, cls, cls.Config(**options), seed)
     result = fit(method, prepared.splits, MovieLens.metric, train, seed)
     return method, result
 

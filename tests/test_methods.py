@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from talkingmodels import experiments, taps
+from talkingmodels import runner, taps
 from talkingmodels.methods import METHODS, Distiller, supports
 
 # Loss terms per (method, stage). A method missing here is still trained and checked for
@@ -31,7 +31,7 @@ EXPECTED_TERMS = {
 
 def build(prepared, name: str, seed: int = 0, **options) -> Distiller:
     cls = METHODS[name]
-    return experiments.build_method(prepared, cls, cls.Config(**options), seed)
+    return runner.build_method(prepared, cls, cls.Config(**options), seed)
 
 
 @pytest.fixture(scope="module")

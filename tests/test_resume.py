@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from talkingmodels import experiments
+from talkingmodels import runner
 from talkingmodels.engine import TrainConfig, fit
 from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS
@@ -24,7 +24,7 @@ class Killed(Exception):
 
 def run(prepared, name, checkpoint=None, kill_after=None, **options):
     cls = METHODS[name]
-    method = experiments.build_method(prepared, cls, cls.Config(**options), seed=7)
+    method = runner.build_method(prepared, cls, cls.Config(**options), seed=7)
 
     def on_epoch(row):
         if row["epoch"] == kill_after:
@@ -84,7 +84,7 @@ def test_numerical_fault_names_the_term_and_keeps_the_last_good_checkpoint(dense
     from talkingmodels.engine import NumericalFault
 
     cls = METHODS["td"]
-    method = experiments.build_method(dense, cls, cls.Config(), seed=7)
+    method = runner.build_method(dense, cls, cls.Config(), seed=7)
     plain = method.forward_train
     calls = []
 
@@ -111,7 +111,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(dense, tmp_path, signum, at_
 
     whole = run(dense, "td")
     cls = METHODS["td"]
-    method = experiments.build_method(dense, cls, cls.Config(), seed=7)
+    method = runner.build_method(dense, cls, cls.Config(), seed=7)
     plain, calls = method.forward_train, []
 
     def signalled(batch):

@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from talkingmodels import cli, suites
-from talkingmodels.config import validate
-from talkingmodels.experiments import ExperimentConfig, resolve
+from talkingmodels.config import ExperimentConfig, resolve, validate
 from talkingmodels.methods import METHODS
 from talkingmodels.tasks import benchmarks, get_task
 
@@ -111,7 +110,7 @@ def test_per_class_numbers_are_json(tmp_path):
 
 
 def test_a_tasks_method_options_apply_under_the_configs_own():
-    from talkingmodels.experiments import ExperimentConfig, resolve
+    from talkingmodels.config import ExperimentConfig, resolve
 
     def options(task, entry):
         exp = resolve(ExperimentConfig(task=task, methods=[entry]))
@@ -131,7 +130,7 @@ def test_a_tasks_method_options_apply_under_the_configs_own():
 
 def test_several_suites_run_into_one_store(monkeypatch, tmp_path):
     """bench all --suite full,ablations: every task's full grid and ablations, one store."""
-    from talkingmodels import experiments
+    from talkingmodels import runner
 
     calls = []
 
@@ -139,7 +138,7 @@ def test_several_suites_run_into_one_store(monkeypatch, tmp_path):
         calls.append((exp.task.name, len(exp.methods), out, store["force"]))
         return out / "report.md"
 
-    monkeypatch.setattr(experiments, "run_experiment", fake_run)
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
     assert cli.main(["bench", "all", "--suite", "full,ablations", "--force"]) == 0
     ablations = len(suites.ABLATIONS)
     assert [(name, count) for name, count, _, _ in calls] == [
@@ -152,7 +151,7 @@ def test_several_suites_run_into_one_store(monkeypatch, tmp_path):
 def test_peak_memory_of_nested_blocks():
     """A block gets its own peak (the high-water mark is set back on entering it), and an
     enclosing block keeps the peaks of the blocks inside it."""
-    from talkingmodels.experiments import PeakMemory
+    from talkingmodels.probes import PeakMemory
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("the high-water mark can only be set back on Linux")

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from talkingmodels import experiments
+from talkingmodels import runner
 from talkingmodels.engine import TrainConfig, fit
 from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS
@@ -152,7 +152,7 @@ def test_every_method_trains_on_spatial_states(prepared, name):
 def test_td_learns_on_fashion(tmp_path):
     prepared = task(tmp_path, test_size=500).prepare("fashion-512")
     cls = METHODS["td"]
-    method = experiments.build_method(prepared, cls, cls.Config(), seed=0)
+    method = runner.build_method(prepared, cls, cls.Config(), seed=0)
     result = fit(method, prepared.splits, FashionVision.metric,
                  TrainConfig(epochs=4, batch_size=64, lr=2e-3), seed=0)
     assert result.test > 0.6  # chance is 0.1

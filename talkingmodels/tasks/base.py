@@ -1,7 +1,7 @@
 """The interface of a benchmark task: its data, its teacher, its student, its metric.
 
 A task never knows which method trains its student; it hands the engine a
-:class:`Prepared` setting and the experiments module does the rest.
+:class:`Prepared` setting and the runner (:mod:`talkingmodels.runner`) does the rest.
 """
 
 from __future__ import annotations

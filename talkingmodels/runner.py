@@ -1,16 +1,10 @@
-"""Experiments: a validated config -> a grid of task settings x methods x seeds -> the
-runs store -> the report.
+"""Grids of settings x methods x seeds: each run trained and appended to the runs store
+(:mod:`talkingmodels.store`), then the report.
 
-The store, in the output folder (:mod:`talkingmodels.store`): ``results.csv`` (one row per
-finished run), ``curves.csv.gz`` (per-epoch losses and validation metric),
-``students/RUN.safetensors`` (the selected student's weights; ``talkingmodels export`` makes
-a deployable file of them), ``tasks.json`` (each task's options, to rebuild its students)
-and, while a run trains, ``checkpoints/RUN.pt``. A run's curves and weights are written first
-and its results row last (one appended ``write``), so a grid that stops at any point keeps
-every finished run, and a rerun only does what is missing (``force`` redoes everything). A run
-interrupted midway continues from its checkpoint with ``resume``; without it, such a
-checkpoint is an error rather than being silently reused or overwritten. A checkpoint also
-holds its run's settings: resuming it under changed settings is an error.
+A rerun only does what is missing (``force`` redoes everything). A run interrupted midway
+continues from its checkpoint with ``resume``; without it, such a checkpoint is an error
+rather than being silently reused or overwritten. A checkpoint also holds its run's
+settings: resuming it under changed settings is an error.
 
 Under a multi-process launcher (see :mod:`talkingmodels.distributed`) every process runs
 the grid and only the main one writes.
@@ -18,25 +12,20 @@ the grid and only the main one writes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from talkingmodels import analysis, distributed, store
-from talkingmodels.config import validate
+from talkingmodels.config import Experiment
 from talkingmodels.data import Split, as_loader, iterate
 from talkingmodels.engine import (
     NumericalFault,
-    TrainConfig,
     device_of,
     first_batch,
     fit,
@@ -49,106 +38,12 @@ from talkingmodels.engine import (
 from talkingmodels.errors import UserError
 from talkingmodels.export import TASKS_FILE, save_weights
 from talkingmodels.io import atomic_write_text
-from talkingmodels.methods import get_method, supports
+from talkingmodels.methods import supports
+from talkingmodels.probes import PeakMemory, TensorBoardLog
 from talkingmodels.states import ModelPair
-from talkingmodels.tasks import Prepared, Task, get_task
+from talkingmodels.tasks import Prepared, Task
 
 
-class MethodEntry(BaseModel):
-    """One method of the grid: a registered name, an optional label (to run variants of
-    one method side by side) and that method's own options."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    label: str | None = None
-
-    @property
-    def options(self) -> dict:
-        return dict(self.model_extra or {})
-
-
-class ExperimentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    task: str
-    settings: list[str] | None = Field(None, min_length=1, description="default: the task's own")
-    task_options: dict = Field(default_factory=dict)
-    methods: list[MethodEntry] | None = Field(None, min_length=1, description="default: the task's")
-    seeds: int | list[int] = Field(3, description="a count (0..N-1) or an explicit list")
-    train: dict = Field(default_factory=dict, description="TrainConfig values over the task's")
-    out: Path | None = None
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, value):
-        if isinstance(value, int) and value < 1:
-            raise ValueError("seeds must be at least 1")
-        if isinstance(value, list) and not value:
-            raise ValueError("seeds must not be empty")
-        return value
-
-    def seed_list(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
-
-
-@dataclass
-class Experiment:
-    """A config with every name resolved and every option validated."""
-
-    config: ExperimentConfig
-    task: Task
-    settings: list[str]
-    methods: list[tuple[str, type, object]]  # (label, class, validated method config)
-    train: dict[str, TrainConfig]  # per setting
-    seeds: list[int]
-
-
-def resolve(config: ExperimentConfig) -> Experiment:
-    task_cls = get_task(config.task)
-    task = task_cls(validate(task_cls.Config, config.task_options, f"task_options ({config.task})"))
-    settings = [task.check_setting(s) for s in (config.settings or task.default_settings)]
-    entries = config.methods or [MethodEntry(name=label.split(":")[0], label=label, **opts)
-                                 for label, opts in task.default_methods.items()]
-    methods, labels = [], set()
-    for index, entry in enumerate(entries):
-        cls = get_method(entry.name)
-        options = validate(cls.Config, {**task.method_options.get(entry.name, {}), **entry.options},
-                           f"methods[{index}] ({entry.name})")
-        label = entry.label or entry.name
-        if label in labels:
-            raise UserError(f"methods[{index}]: label {label!r} is used twice; give each variant "
-                            "its own 'label'")
-        labels.add(label)
-        methods.append((label, cls, options))
-    # The task's defaults (per setting where they differ), under the config's own values.
-    train = {s: validate(TrainConfig, {**task.default_train, **task.setting_train.get(s, {}),
-                                       **config.train}, "train") for s in settings}
-    for cfg in train.values():  # a device or precision this machine lacks: before any work
-        distributed.check_precision(distributed.resolve_device(cfg.device), cfg.mixed_precision)
-    return Experiment(config, task, settings, methods, train, config.seed_list())
-
-
-def load_config(path: Path, overrides: dict | None = None, train: dict | None = None) -> Experiment:
-    """Read, validate and resolve a YAML experiment; every mistake is one UserError line.
-    ``overrides`` replace top-level keys, ``train`` values are set over the config's own."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config {path} must be a YAML mapping with at least a 'task' key")
-    data.update(overrides or {})
-    if train:
-        if not isinstance(data.get("train", {}), dict):
-            raise UserError(f"config {path}: train must be a mapping of training options")
-        data["train"] = {**data.get("train", {}), **train}
-    return resolve(validate(ExperimentConfig, data, f"config {path}"))
-
-
-# ------------------------------------------------------------------------------ running
 def build_method(prepared: Prepared, cls: type, options, seed: int):
     """The student (identically initialised for every method of one seed) and the method,
     its own modules built from the training split's first rows (on the teacher's device)."""
@@ -162,50 +57,6 @@ def build_method(prepared: Prepared, cls: type, options, seed: int):
     place(method, device)
     method.setup(first_batch(as_loader(prepared.splits.train, 4, shuffle=False), 4).to(device))
     return method
-
-
-def _high_water_mark(reset: bool = False) -> float:
-    """This process's peak resident memory in GiB: on Linux the kernel's high-water mark
-    (VmHWM), which ``reset`` sets back to the current size; elsewhere the peak so far
-    (ru_maxrss: KiB on Linux, bytes on macOS), which cannot be set back."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
-        if line is not None:
-            peak = int(line.split()[1]) / 1024**2  # kB
-            if reset:
-                with contextlib.suppress(OSError):
-                    Path("/proc/self/clear_refs").write_text("5")
-            return peak
-    import resource
-
-    scale = 1024**3 if sys.platform == "darwin" else 1024**2
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-
-
-class PeakMemory:
-    """The peak resident memory (``peak``, GiB) of this process over a block of code: a
-    bench, one of its pieces, one run. The high-water mark is set back on entering, so that
-    a block gets its own peak, not an earlier one's; blocks nest (an enclosing block keeps
-    the peaks that its inner blocks set back)."""
-
-    _open: list[PeakMemory] = []
-
-    def __enter__(self) -> PeakMemory:
-        self.peak = 0.0
-        self._fold(reset=True)
-        PeakMemory._open.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._fold()
-        PeakMemory._open.remove(self)
-
-    @staticmethod
-    def _fold(reset: bool = False) -> None:
-        mark = _high_water_mark(reset)
-        for block in PeakMemory._open:  # (on entering, only the enclosing blocks are open)
-            block.peak = max(block.peak, mark)
 
 
 def _check_output(out: Path) -> None:
@@ -303,37 +154,6 @@ def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:
             "method": {"name": cls.name, **options.model_dump(mode="json")}}
 
 
-class _TensorBoard:
-    """Per-step loss terms and per-epoch losses and metrics of one run, as TensorBoard
-    scalars. The writer opens at the first step, dropping any events a killed earlier
-    attempt logged from that step on (so a resumed run's curves have no duplicates)."""
-
-    def __init__(self, folder: Path | None):
-        self.folder, self.writer = folder, None
-
-    def _open(self, step: int):
-        if self.writer is None and self.folder is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.folder), purge_step=step)
-        return self.writer
-
-    def step(self, step: int, terms: dict) -> None:
-        if (writer := self._open(step)) is not None:
-            for name, value in terms.items():
-                writer.add_scalar(f"step/loss_{name}", value, step)
-
-    def epoch(self, row: dict) -> None:
-        if (writer := self._open(row["epoch"])) is not None:
-            for name, value in row.items():
-                if name not in ("epoch", "stage"):
-                    writer.add_scalar(f"epoch/{name}", value, row["epoch"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def representation(prep: Prepared, student, teacher_test: dict, batch_size: int) -> dict:
     """What the report says about a trained student besides its metric: linear CKA between
     its state at ``h`` and the teacher's on the test split (pooled per example), and for
@@ -375,7 +195,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         return
     method = build_method(prep, cls, options, seed)
     run_id = store.run_id_of(prep.setting, label, seed)
-    board = _TensorBoard(tensorboard / run_id if tensorboard and distributed.is_main() else None)
+    board = TensorBoardLog(tensorboard / run_id if tensorboard and distributed.is_main() else None)
 
     def on_epoch(row):
         board.epoch(row)

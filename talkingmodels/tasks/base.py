@@ -95,23 +95,24 @@ class Task:
         return Path.home() / ".cache" / "talkingmodels"
 
 
-def data_candidates(data_dir: Path | None, defaults: list[Path]) -> list[Path]:
-    """Where to look for a task's files: the ``data_dir`` a user named, alone, else
-    ``$TALKINGMODELS_DATA`` and the task's own places (``defaults``)."""
-    if data_dir is not None:
-        return [Path(data_dir)]
+def search_data(data_dir: Path | None, defaults: list[Path], folder: str,
+                holds: Callable[[Path], Path | None], what: str) -> tuple[Path | None, str]:
+    """Where a task's files are: the first place, or its subfolder ``folder``, for which
+    ``holds(directory)`` gives a path, among the ``data_dir`` a user named (alone: a named
+    folder without the files is an error, never a silent fallback to other data), else
+    ``$TALKINGMODELS_DATA`` and the task's own ``defaults``. Returns that path (None when
+    nothing holds the files) and the places looked in, for the task's own message."""
     env = os.environ.get("TALKINGMODELS_DATA")
-    return ([Path(env)] if env else []) + defaults
-
-
-def missing_data_dir(data_dir: Path | None, what: str) -> None:
-    """A named ``data_dir`` without the task's files is an error, never a silent fallback to
-    other data (called once the search found nothing there)."""
-    if data_dir is None:
-        return
-    state = "does not exist" if not Path(data_dir).exists() else f"does not hold {what}"
-    raise UserError(f"data_dir {data_dir} {state}; point data_dir at the folder with the files, "
-                    "or leave it out to use the packaged or cached copy")
+    places = [Path(data_dir)] if data_dir is not None else ([Path(env)] if env else []) + defaults
+    for base in places:
+        for directory in (base, base / folder):
+            if (found := holds(directory)) is not None:
+                return found, ", ".join(map(str, places))
+    if data_dir is not None:
+        state = "does not exist" if not Path(data_dir).exists() else f"does not hold {what}"
+        raise UserError(f"data_dir {data_dir} {state}; point data_dir at the folder with the "
+                        "files, or leave it out to use the packaged or cached copy")
+    return None, ", ".join(map(str, places))
 
 
 def sized_setting(setting: str, names) -> tuple[str, int | None] | None:

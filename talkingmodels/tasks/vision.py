@@ -41,8 +41,7 @@ from talkingmodels.tasks.base import (
     Prepared,
     TaskConfig,
     config_key,
-    data_candidates,
-    missing_data_dir,
+    search_data,
     sized_setting,
 )
 from talkingmodels.tasks.registry import register
@@ -75,13 +74,12 @@ def find_data(config: VisionConfig, cache: Path) -> Path:
     """Where the four idx files are: ``data_dir``, ``$TALKINGMODELS_DATA`` (each either
     holding them or a ``fashion-mnist/`` folder), the Debian package's folder, the user
     cache, else a download of the official files."""
-    candidates = data_candidates(config.data_dir, [SYSTEM_DIR, cache / "data"])
-    for base in candidates:
-        for directory in (base, base / "fashion-mnist"):
-            if all(_file(directory, name) for name in FILES):
-                return directory
-    missing_data_dir(config.data_dir, f"Fashion-MNIST's {', '.join(FILES)}")
-    looked = ", ".join(str(c) for c in candidates)
+    found, looked = search_data(
+        config.data_dir, [SYSTEM_DIR, cache / "data"], "fashion-mnist",
+        lambda folder: folder if all(_file(folder, name) for name in FILES) else None,
+        f"Fashion-MNIST's {', '.join(FILES)}")
+    if found is not None:
+        return found
     advice = (f"apt-get install dataset-fashion-mnist, or put {', '.join(f'{n}.gz' for n in FILES)} "
               f"from {URL} into one of those directories")
     if not config.download:

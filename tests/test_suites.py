@@ -97,7 +97,7 @@ def test_per_class_numbers_are_json(tmp_path):
     """Classification runs store per-class CKA and accuracy as JSON objects keyed by class."""
     import pandas as pd
 
-    from talkingmodels.report import _per_class
+    from talkingmodels.report.statistics import _per_class
 
     runs = pd.DataFrame([
         {"method": "scratch", "class_metric": json.dumps({"0": 0.5, "1": 1.0})},

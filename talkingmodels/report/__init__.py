@@ -1,0 +1,96 @@
+"""Tables and plots from a runs store: ``results.csv`` (+ ``curves.csv.gz``) -> ``report.md``,
+``summary.csv``, the forest plot of gains and one PNG of validation curves per setting; and the
+generated results blocks of the docs. The report reads nothing but the store.
+
+``statistics`` computes, ``tables`` and ``plots`` present, ``blocks`` writes into Markdown docs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from talkingmodels.report.blocks import README_END, README_START, readme_block, readme_markers, update_readme
+from talkingmodels.report.plots import cka_section, forest_plot, plot_curves
+from talkingmodels.report.statistics import (
+    REFERENCE,
+    best_other,
+    compared,
+    forest_rows,
+    relative_gain,
+    summarise,
+    without_variants,
+)
+from talkingmodels.report.tables import (
+    ablation_overview,
+    ablation_table,
+    compute_table,
+    gains_table,
+    markdown_table,
+    overview_table,
+    paired_table,
+    significance_line,
+    undistillable_table,
+    versus_table,
+)
+from talkingmodels.store import read_curves, read_results
+
+__all__ = ["README_END", "README_START", "REFERENCE", "ablation_overview", "ablation_table",
+           "best_other", "cka_section", "compared", "compute_table", "forest_plot", "forest_rows",
+           "gains_table", "markdown_table", "overview_table", "paired_table", "plot_curves",
+           "readme_block", "readme_markers", "relative_gain", "significance_line", "summarise",
+           "undistillable_table", "update_readme", "versus_table", "without_variants",
+           "write_report"]
+
+
+def write_report(out: Path) -> Path:
+    """Write ``report.md`` and the plots for the runs stored in ``out``."""
+    results = read_results(out)
+    summary = summarise(results)
+    lines = ["# talkingmodels report", "",
+             f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
+             "(positive = better); *beats scratch* counts the seeds on which the method's "
+             "test metric is better than scratch's on the same seed.", ""]
+    methods = compared(summary)
+    if forest_plot(results, Path(out) / "forest.png") is not None:
+        lines += ["![gain over scratch with 95% intervals](forest.png)", ""]
+    if len(methods.groupby(["task", "setting"])) > 1:
+        lines += ["## Relative improvement over scratch, every setting", "",
+                  "Mean test metric against scratch's, in percent (positive = better); the average "
+                  "is over the settings where the method applies (their count in brackets).", "",
+                  gains_table(methods), ""]
+        if "td" in set(methods.method):
+            lines += ["## TD against every method, every setting", "",
+                      "Paired by seed; better or worse where the paired t-test says so at 5%, else "
+                      "n.s. (not significant); each setting's full table is under it.", "",
+                      versus_table(compared(results), methods), ""]
+    if ablations := ablation_overview(summary):
+        lines += ["## Ablations of TD, every ablated setting", "",
+                  "Each variant's mean test metric against the default TD's, in percent (positive = "
+                  "the variant is better); details and paired tests under each setting.", "",
+                  ablations, ""]
+    for task, group in methods.groupby("task", sort=False):
+        if group.setting.nunique() > 1:
+            lines += [f"## {task}: all settings", "", overview_table(group), ""]
+        # (the variants' CKA is in the ablation tables)
+        lines += cka_section(compared(results), methods, task, Path(out))
+    for (task, setting), everything in summary.groupby(["task", "setting"], sort=False):
+        group = without_variants(everything)
+        lines += [f"## {task} / {setting}", "",
+                  f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
+                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), ""]
+        runs = results[(results.task == task) & (results.setting == setting)]
+        paired = paired_table(without_variants(runs))
+        if paired:
+            line = significance_line(without_variants(runs), group)
+            lines += ["Paired by seed (same split and student initialisation per seed):", "",
+                      paired, "", *([line, ""] if line else [])]
+        if len(group) < len(everything):
+            lines += [f"### Ablations of TD, {task} / {setting}", "", ablation_table(everything, runs), ""]
+        lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
+    curves = read_curves(out)
+    if curves is not None:
+        plot_curves(curves, Path(out), results)
+    summary.to_csv(Path(out) / "summary.csv", index=False)
+    report = Path(out) / "report.md"
+    report.write_text("\n".join(lines))
+    return report

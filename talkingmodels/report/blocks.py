@@ -1,0 +1,81 @@
+"""Generated results blocks in Markdown docs: the marker lines and the block of a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from talkingmodels.errors import UserError
+from talkingmodels.report.statistics import compared, summarise, without_variants
+from talkingmodels.report.tables import (
+    ablation_overview,
+    compute_table,
+    gains_table,
+    overview_table,
+    significance_line,
+    undistillable_table,
+    versus_table,
+)
+from talkingmodels.store import read_results
+
+README_START = "<!-- results of {store} (generated: talkingmodels report {store} --readme {doc}) -->"
+
+
+README_END = "<!-- end of results of {store} -->"
+
+
+def readme_markers(doc: str, store: str) -> tuple[str, str]:
+    """The two marker lines around ``store``'s generated block in the Markdown file ``doc``
+    (both as paths relative to the repository root, as the command is typed there)."""
+    return README_START.format(store=store, doc=doc), README_END.format(store=store)
+
+
+def readme_block(out: Path) -> str:
+    """The results of a runs store as a doc (docs/results.md) shows them: the table of every method's
+    gain over scratch across settings, each task's settings side by side, and for each
+    setting TD's paired comparison with the best other method. Generated, so the doc
+    never carries a number typed by hand."""
+    results = read_results(out)
+    summary = summarise(results)
+    methods = compared(summary)
+    lines = []
+    for task, group in methods.groupby("task", sort=False):
+        lines += [f"**{task}**", "", overview_table(group), ""]
+        for setting, per_setting in group.groupby("setting", sort=False):
+            runs = without_variants(results[(results.task == task) & (results.setting == setting)])
+            if line := significance_line(runs, per_setting):
+                lines += [f"- {setting}: {line}"]
+        if lines[-1]:  # (after significance lines)
+            lines += [""]
+        for setting in dict.fromkeys(group.setting):
+            lines += undistillable_table(
+                without_variants(results[(results.task == task) & (results.setting == setting)]), setting)
+    if len(methods.groupby(["task", "setting"])) > 1:
+        lines += ["Relative improvement over scratch (average over the settings):", "",
+                  gains_table(methods), ""]
+        if "td" in set(methods.method):
+            lines += ["TD against every method, paired by seed (paired t-test at 5%; n.s.: not "
+                      "significant):", "", versus_table(compared(results), methods), ""]
+    if ablations := ablation_overview(summary):
+        lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
+                  "variant is better):", "", ablations, ""]
+    if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)
+        lines += ["Runs in this store (2 CPU cores):", "", compute_table(results), ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def update_readme(readme: Path, out: Path, name: str | None = None) -> Path:
+    """Replace the block between the markers for ``out`` in ``readme`` by
+    :func:`readme_block`; the markers must already be there (the prose around them is the
+    author's)."""
+    name = name or Path(out).as_posix()
+    doc = Path(readme)
+    if doc.is_absolute() and doc.resolve().is_relative_to(Path.cwd().resolve()):
+        doc = doc.resolve().relative_to(Path.cwd().resolve())
+    start, end = readme_markers(doc.as_posix(), name)
+    text = Path(readme).read_text()
+    if start not in text or end not in text:
+        raise UserError(f"{readme} has no block for {name}; add the two lines\n{start}\n{end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n{readme_block(out)}\n{end}{tail}")
+    return Path(readme)

@@ -1,0 +1,284 @@
+"""Markdown tables of a runs store's numbers."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from talkingmodels.report.statistics import (
+    REFERENCE,
+    _higher,
+    _na_runs,
+    _per_class,
+    _rank,
+    _suite_order,
+    _values,
+    _variants,
+    best_other,
+    relative_gain,
+)
+
+
+def _na(row) -> bool:
+    """Whether a summary row is a method with no meaning for its task (n/a)."""
+    value = row.get("na")
+    return bool(value) if value is not None and pd.notna(value) else False
+
+
+def _gain_text(row) -> str:
+    return f"{row['gain_pct']:+.2f}%" if pd.notna(row.get("gain_pct")) else "n/a"
+
+
+def _cka_text(row) -> str:
+    return f"{row['cka']:.3f}" if pd.notna(row.get("cka")) else "-"
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    metric = summary.metric.iloc[0]
+    lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
+             f"val {metric} | best epoch | s/run | peak GiB | extra params | CKA at h |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        if _na(r):
+            lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 9)
+            continue
+        cka, gain = _cka_text(r), _gain_text(r)
+        peak = f"{r['peak_gib']:.2f}" if pd.notna(r.get("peak_gib")) else "-"
+        wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
+        n = f"{r['n']} ({r['failed']} failed)" if r["failed"] else f"{r['n']}"
+        lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
+                     f"{n} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | {peak} | "
+                     f"{int(r['extra_params'])} | {cka} |")
+    return "\n".join(lines)
+
+
+def overview_table(summary: pd.DataFrame) -> str:
+    """Methods as rows, settings side by side: validation and test mean (± std over seeds)."""
+    settings = list(dict.fromkeys(summary.setting))
+    metric = summary.metric.iloc[0]
+    head = " | ".join(f"{s}: val {metric} | {s}: test {metric} | {s}: gain" for s in settings)
+    lines = [f"| method | {head} |", "|---" * (1 + 3 * len(settings)) + "|"]
+    for method in dict.fromkeys(summary.method):
+        cells = []
+        for setting in settings:
+            row = summary[(summary.method == method) & (summary.setting == setting)]
+            if row.empty or _na(row.iloc[0]):
+                cells += ["n/a"] * 3
+                continue
+            r = row.iloc[0]
+            cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", _gain_text(r)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    cells = []  # the frozen teacher with its task head, for scale (one value: no seeds)
+    higher = _higher(summary)
+    for setting in settings:
+        rows = summary[summary.setting == setting]
+        scratch, teacher = rows[rows.method == REFERENCE], rows.teacher.iloc[0]
+        gain = "n/a" if scratch.empty else f"{relative_gain(teacher, scratch['mean'].iloc[0], higher):+.2f}%"
+        cells += ["-", f"{teacher:.4f}", gain]
+    lines.append("| teacher (frozen) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _change(label: str) -> str:
+    from talkingmodels.suites import ABLATIONS
+
+    return ", ".join(f"{k} {v}" for k, v in ABLATIONS[label].items() if k != "name")
+
+
+def ablation_table(summary: pd.DataFrame, results: pd.DataFrame) -> str:
+    """TD's ablation variants of one setting against the default TD, paired by seed: what
+    each changes, its test metric, gain over scratch, difference from TD (positive =
+    the variant is better) with the paired t-test, and CKA with the teacher."""
+    from talkingmodels.analysis import paired_comparison
+
+    higher = _higher(summary)
+    table = _values(results)
+    metric = summary.metric.iloc[0]
+    lines = [f"| variant | change from td | test {metric} | gain vs scratch | vs td | p (paired t) | "
+             "better than td on | CKA at h |", "|---|---|---|---|---|---|---|---|"]
+    for label in [REFERENCE, "td", *_variants()]:
+        row = summary[summary.method == label]
+        if row.empty or _na(row.iloc[0]):
+            continue
+        r = row.iloc[0]
+        gain, cka = _gain_text(r), _cka_text(r)
+        if label == "td" or "td" not in table or label not in table:
+            versus = ["-", "-", "-"]
+        else:
+            c = paired_comparison(table[label], table["td"], higher)
+            versus = [f"{c['mean_diff']:+.4f}", f"{c['p_ttest']:.3f}", f"{c['wins']}/{c['n']}"]
+        change = "(reference)" if label in (REFERENCE, "td") else _change(label)
+        lines.append(f"| {label} | {change} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | "
+                     + " | ".join(versus) + f" | {cka} |")
+    return "\n".join(lines)
+
+
+def ablation_overview(summary: pd.DataFrame) -> str:
+    """Every ablated setting side by side: each variant's test metric relative to the
+    default TD's, in percent (positive = the variant is better); "" without variants."""
+    variants = summary[summary.method.isin(_variants())]
+    keys = list(dict.fromkeys(zip(variants.task, variants.setting, strict=True)))
+    if not keys:
+        return ""
+    lines = ["| variant | change from td | " + " | ".join(f"{t} / {s}" for t, s in keys) + " |",
+             "|---" * (len(keys) + 2) + "|"]
+    for label in [REFERENCE, *_variants()]:
+        cells = []
+        for task, setting in keys:
+            group = summary[(summary.task == task) & (summary.setting == setting)]
+            row, td = group[group.method == label], group[group.method == "td"]
+            if row.empty or td.empty or _na(row.iloc[0]):
+                cells.append("n/a")
+                continue
+            higher = _higher(summary[summary.task == task])
+            cells.append(f"{relative_gain(row.iloc[0]['mean'], td.iloc[0]['mean'], higher):+.2f}%")
+        if set(cells) != {"n/a"}:
+            change = "no distillation" if label == REFERENCE else _change(label)
+            lines.append(f"| {label} | {change} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
+    """``focus`` against every other method of one setting, paired by seed (same split,
+    same student initialisation): mean difference with its 95% interval, the paired t-test
+    and the exact Wilcoxon signed-rank p-values, and the seeds on which ``focus`` wins."""
+    from talkingmodels.analysis import paired_comparison
+
+    higher = _higher(results)
+    table = _values(results)
+    if focus not in table:
+        return ""
+    lines = [f"| {focus} against | mean difference ({focus} better if > 0) | 95% interval | "
+             f"p (paired t) | p (Wilcoxon) | {focus} better on | at 5% |",
+             "|---|---|---|---|---|---|---|"]
+    for other in table.columns:
+        if other == focus:
+            continue
+        c = paired_comparison(table[focus], table[other], higher)
+        verdict = "significant" if c["significant"] else "not significant"
+        lines.append(f"| {other} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | "
+                     f"{c['p_ttest']:.3f} | {c['p_wilcoxon']:.3f} | {c['wins']}/{c['n']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
+    """One plain sentence: ``focus`` against the best other method of the setting."""
+    from talkingmodels.analysis import paired_comparison
+
+    other = best_other(summary, focus)
+    table = _values(results)
+    if other is None or focus not in table or other not in table:
+        return ""
+    c = paired_comparison(table[focus], table[other], _higher(summary))
+    word = "better" if c["mean_diff"] > 0 else "worse"
+    claim = ("the difference is significant at 5%" if c["significant"] else
+             "the difference is **not** significant at 5%")
+    return (f"{focus} against the best other method ({other}): {word} by {abs(c['mean_diff']):.4f} "
+            f"on average, better on {c['wins']} of {c['n']} seeds, paired t-test p = {c['p_ttest']:.3f}: "
+            f"{claim}.")
+
+
+def versus_table(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
+    """``focus`` against every other method on every setting of a store, paired by seed:
+    "better" or "worse" where the paired t-test says so at 5%, else "n.s.", with its p; the
+    last column counts the settings each way. docs/results.md's plain words on where TD wins
+    are read off this table."""
+    from talkingmodels.analysis import paired_comparison
+
+    keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
+    lines = [f"| {focus} against | " + " | ".join(f"{t} / {s}" for t, s in keys) +
+             f" | {focus} better / worse |", "|---" * (len(keys) + 2) + "|"]
+    tables = {(task, setting): _values(results[(results.task == task) & (results.setting == setting)])
+              for task, setting in keys}
+    for other in dict.fromkeys(summary.method):
+        if other == focus:
+            continue
+        cells, counts = [], {"better": 0, "worse": 0, "n.s.": 0}
+        for (task, _), table in tables.items():
+            c = (paired_comparison(table[focus], table[other], _higher(summary[summary.task == task]))
+                 if focus in table and other in table else None)
+            if c is None or pd.isna(c["p_ttest"]):
+                cells.append("n/a")
+                continue
+            word = ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "n.s."
+            counts[word] += 1
+            cells.append(f"{word} (p {c['p_ttest']:.3f})")
+        lines.append(f"| {other} | " + " | ".join(cells) + f" | {counts['better']} / {counts['worse']} |")
+    return "\n".join(lines)
+
+
+def gains_table(summary: pd.DataFrame) -> str:
+    """The paper's Table 1, extended: every method's relative improvement over scratch in
+    every (task, setting) of the store, and its average across them."""
+    keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
+    lines = ["| method | " + " | ".join(f"{t} / {s}" for t, s in keys) + " | average |",
+             "|---" * (len(keys) + 2) + "|"]
+    for method in dict.fromkeys(summary.method):
+        cells, gains = [], []
+        for task, setting in keys:
+            row = summary[(summary.task == task) & (summary.setting == setting) & (summary.method == method)]
+            usable = not row.empty and not _na(row.iloc[0])
+            gain = row.iloc[0].get("gain_pct") if usable else None
+            if gain is None or pd.isna(gain):
+                cells.append("n/a")
+            else:
+                cells.append(f"{gain:+.2f}%")
+                gains.append(gain)
+        average = f"{sum(gains) / len(gains):+.2f}% ({len(gains)})" if gains else "n/a"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
+    return "\n".join(lines)
+
+
+def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
+    """The paper's claim that TD helps most on "undistillable" classes, as numbers: the
+    classes whose test accuracy logit-kd lowers against scratch (mean over seeds), and each
+    method's mean per-class accuracy gain over scratch and CKA on them and on the others."""
+    if not {"cka_classes", "class_metric"} <= set(runs) or runs.class_metric.isna().all():
+        return []
+    cka, accuracy = _per_class(runs, "cka_classes"), _per_class(runs, "class_metric")
+    if not {REFERENCE, "logit-kd"} <= set(accuracy.index):
+        return []
+    gain = accuracy - accuracy.loc[REFERENCE]  # per-class accuracy gain over scratch
+    hard = gain.columns[gain.loc["logit-kd"] < 0]
+    easy = gain.columns[gain.loc["logit-kd"] >= 0]
+    lines = [f"Undistillable classes of {setting} (logit-kd's per-class test accuracy below "
+             f"scratch's): {', '.join(map(str, hard)) or 'none'}. Mean per-class accuracy gain "
+             "over scratch, in points:", "",
+             "| method | on undistillable classes | on the other classes | CKA, undistillable "
+             "| CKA, other |",
+             "|---|---|---|---|---|"]
+
+    def points(method, columns):
+        return f"{100 * gain.loc[method, columns].mean():+.2f}" if len(columns) else "n/a"
+
+    def similarity(method, columns):
+        ok = len(columns) and method in cka.index
+        return f"{cka.loc[method, columns].mean():.3f}" if ok else "n/a"
+
+    order = _suite_order(runs.task.iloc[0])[1] if "task" in runs else []
+    for method in gain.index.to_series().sort_values(kind="stable", key=_rank(order)):
+        lines.append(f"| {method} | {points(method, hard)} | {points(method, easy)} | "
+                     f"{similarity(method, hard)} | {similarity(method, easy)} |")
+    return [*lines, ""]
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def compute_table(results: pd.DataFrame) -> str:
+    """Per task: the runs a store holds, n/a rows, their training time summed over runs (the
+    time each ``fit`` took, as it ran: teacher pre-training and caches not included) and the
+    largest peak resident memory of a run."""
+    trained = results[~_na_runs(results)]
+    lines = ["| task | runs | n/a | training time (sum over runs) | largest peak memory of a run |",
+             "|---|---|---|---|---|"]
+    tasks = sorted(set(results.task))
+    for task in [*tasks, *(["all"] if len(tasks) > 1 else [])]:
+        mine = results.task == task if task != "all" else results.task.notna()
+        runs = trained[mine[trained.index]]
+        peak = runs["peak_gib"].max()
+        lines.append(f"| {task} | {len(runs)} | {int(mine.sum()) - len(runs)} | "
+                     f"{_duration(runs.seconds.sum())} | "
+                     f"{'-' if pd.isna(peak) else f'{peak:.2f} GiB'} |")
+    return "\n".join(lines)

@@ -11,7 +11,6 @@ a dynamic token dimension on sequence inputs).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from torch import nn
 from talkingmodels.errors import UserError
 
 FORMATS = ("safetensors", "onnx")
-TASKS_FILE = "tasks.json"  # a store's record of each task's options
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:
@@ -82,6 +80,7 @@ def stored_student(store: Path, run_id: str):
     """(the run's student with its selected weights, an example batch of the run's test
     split, whether its inputs are token sequences)."""
     from talkingmodels.config import validate
+    from talkingmodels.store import read_tasks
     from talkingmodels.tasks import get_task
 
     store = Path(store)
@@ -89,8 +88,7 @@ def stored_student(store: Path, run_id: str):
     weights = store / "students" / f"{run_id}.safetensors"
     if not weights.is_file():
         raise UserError(f"run {run_id!r} has no stored weights ({weights} is missing)")
-    recorded = store / TASKS_FILE
-    options = json.loads(recorded.read_text()).get(row["task"], {}) if recorded.is_file() else {}
+    options = read_tasks(store).get(row["task"], {}).get("options", {})
     cls = get_task(row["task"])
     prepared = cls(validate(cls.Config, options, f"task_options ({row['task']})")).prepare(row["setting"])
     student = prepared.build_student()

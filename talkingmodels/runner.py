@@ -36,8 +36,7 @@ from talkingmodels.engine import (
     seed_everything,
 )
 from talkingmodels.errors import UserError
-from talkingmodels.export import TASKS_FILE, save_weights
-from talkingmodels.io import atomic_write_text
+from talkingmodels.export import save_weights
 from talkingmodels.methods import supports
 from talkingmodels.probes import PeakMemory, TensorBoardLog
 from talkingmodels.states import ModelPair
@@ -117,7 +116,8 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
             path.unlink(missing_ok=True)
     distributed.barrier()
     if distributed.is_main():
-        _record_task_options(out, exp)
+        store.record_task(out, exp.task.name, exp.config.task_options, exp.settings,
+                          [label for label, _, _ in exp.methods])
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
     teacher_test: dict[str, object] = {}  # per setting: the teacher's pooled test states at h
@@ -137,15 +137,6 @@ def _metric_cells(task: Task) -> dict:
     names = json.dumps(list(task.class_names)) if task.class_names else ""
     return {"metric": task.metric.name, "higher_is_better": task.metric.higher_is_better,
             "class_names": names}
-
-
-def _record_task_options(out: Path, exp: Experiment) -> None:
-    """Keep each task's options in the store (``tasks.json``): what ``talkingmodels export``
-    needs to rebuild a run's student."""
-    path = out / TASKS_FILE
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
-    recorded[exp.task.name] = json.loads(json.dumps(exp.config.task_options, default=str))
-    atomic_write_text(path, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
 
 
 def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:

@@ -5,8 +5,9 @@
 * ``curves.csv.gz``: every run's per-epoch losses and validation metric (``CURVE_COLUMNS``),
   one gzip member appended per run before its results row (a run redone after a crash in
   between appends its curves again: the reader keeps the last copy);
-* ``students/RUN.safetensors``: the selected student's weights; ``tasks.json``: each task's
-  options; ``checkpoints/RUN.pt`` while a run trains.
+* ``students/RUN.safetensors``: the selected student's weights; ``tasks.json``: per task, its
+  options (to rebuild a run's student) and its settings and method labels in the order they
+  were run (the report's order); ``checkpoints/RUN.pt`` while a run trains.
 
 A run's row records its metric and the metric's direction, and the class names of a
 classification task, so the report needs nothing but the store.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -24,13 +26,14 @@ from pathlib import Path
 import pandas as pd
 
 from talkingmodels.errors import UserError
+from talkingmodels.io import atomic_write_text
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
                   "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
                   "status", "cka", "cka_classes", "class_metric", "peak_gib", "higher_is_better",
                   "class_names"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
-RESULTS, CURVES = "results.csv", "curves.csv.gz"
+RESULTS, CURVES, TASKS = "results.csv", "curves.csv.gz", "tasks.json"
 
 
 def run_id_of(setting: str, label: str, seed) -> str:
@@ -92,12 +95,44 @@ def check_layout(out: Path) -> None:
                             f"{', '.join(missing) or 'none; other order'}); write a new store")
 
 
+def read_tasks(out: Path) -> dict:
+    """``tasks.json``: per task, ``options``, ``settings`` and ``methods`` (as run)."""
+    path = Path(out) / TASKS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_task(out: Path, task: str, options: dict, settings: list[str], methods: list[str]) -> None:
+    """Add a grid's task to ``tasks.json``: its options, and its settings and method labels
+    after those already recorded."""
+    tasks = read_tasks(out)
+    known = tasks.get(task, {})
+    tasks[task] = {"options": json.loads(json.dumps(options, default=str)),
+                   "settings": list(dict.fromkeys([*known.get("settings", []), *settings])),
+                   "methods": list(dict.fromkeys([*known.get("methods", []), *methods]))}
+    atomic_write_text(Path(out) / TASKS, json.dumps(tasks, indent=2, sort_keys=True) + "\n")
+
+
 def read_results(out: Path) -> pd.DataFrame:
+    """The store's rows, tasks by name and, within a task, its settings and methods in the
+    order they were run (``tasks.json``; names it does not list after, in the rows' order)."""
     path = Path(out) / RESULTS
     if not path.is_file():
         raise UserError(f"no results.csv in {out}; run an experiment first")
     check_layout(out)
-    return pd.read_csv(path)
+    results = pd.read_csv(path)
+    order = read_tasks(out)
+
+    def ranks(column: str, key: str) -> list[int]:
+        listed = {task: {name: i for i, name in enumerate(entry.get(key, []))}
+                  for task, entry in order.items()}
+        return [listed.get(t, {}).get(v, len(listed.get(t, {})))
+                for t, v in zip(results.task, results[column], strict=True)]
+
+    # stable sorts, the least significant first: method, then setting, then task
+    ranked = results.assign(_method=ranks("method", "methods"), _setting=ranks("setting", "settings"))
+    for column in ("_method", "_setting", "task"):
+        ranked = ranked.sort_values(column, kind="stable")
+    return ranked.drop(columns=["_method", "_setting"]).reset_index(drop=True)
 
 
 def read_curves(out: Path) -> pd.DataFrame | None:

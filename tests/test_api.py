@@ -372,11 +372,16 @@ def test_a_split_checks_its_rows_and_takes_a_bare_tensor():
     assert Split(x, y).student_inputs[0] is x  # Split(x, y) means Split((x,), y)
 
 
-def test_tasks_and_the_analysis_do_not_import_the_methods():
+def test_tasks_and_the_analysis_do_not_import_the_methods_nor_the_report_the_tasks():
     code = ("import sys, talkingmodels.tasks, talkingmodels.analysis, talkingmodels.report, "
             "talkingmodels.engine, talkingmodels.data\n"
             "loaded = sorted(m for m in sys.modules if m.startswith('talkingmodels.methods'))\n"
             "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # and the report reads the store alone: no task module either
+    code = ("import sys, talkingmodels.report\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith(('talkingmodels.tasks', "
+            "'talkingmodels.methods')))\nassert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -65,6 +65,8 @@ def test_the_store_keeps_safetensors_and_the_task_options(store, task_options):
     assert (store / "students" / "dense__td__0.safetensors").is_file()
     import json
 
-    assert json.loads((store / "tasks.json").read_text())["movielens"]["data_dir"] == task_options["data_dir"]
+    recorded = json.loads((store / "tasks.json").read_text())["movielens"]
+    assert recorded["options"]["data_dir"] == task_options["data_dir"]
+    assert recorded["settings"] == ["dense"] and recorded["methods"] == ["td"]
     student, _, _ = stored_student(store, "dense__td__0")
     assert sum(p.numel() for p in student.parameters()) > 0

@@ -12,7 +12,6 @@ from talkingmodels.report.statistics import (
     _higher,
     _per_class,
     _rank,
-    _suite_order,
     _variants,
     compared,
     forest_rows,
@@ -60,12 +59,12 @@ def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path) -> lis
             *undistillable_table(runs, setting)]
 
 
-def _plot_panel(ax, group: pd.DataFrame, task: str, higher: bool) -> None:
+def _plot_panel(ax, group: pd.DataFrame, order: list[str], higher: bool) -> None:
     """One axis of validation curves, methods in the suite's order: TD in black and scratch
     in grey as the references, every other method in a colour of its own (tab20: an
     ablation panel has 20 lines)."""
     colours = iter(_colours(len(set(group.method))))
-    group = group.sort_values("method", kind="stable", key=_rank(_suite_order(task)[1]))
+    group = group.sort_values("method", kind="stable", key=_rank(order))
     for method, runs in group.groupby("method", sort=False):
         mean = runs.groupby("epoch")["value"].mean()
         style = {"td": {"color": "black", "linewidth": 2.2},
@@ -115,7 +114,8 @@ def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame) -> list[
             panels.append(("TD's ablations", group[variants | references]))
         fig, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 4.4), squeeze=False)
         for ax, (title, rows) in zip(axes[0], panels, strict=True):
-            _plot_panel(ax, rows, task, _higher(results[results.task == task]))
+            mine = results[results.task == task]  # (its methods in the store's order)
+            _plot_panel(ax, rows, list(dict.fromkeys(mine.method)), _higher(mine))
             ax.set_title(title, fontsize=10)
         metric = group.name.iloc[0][len("val_"):]
         axes[0][0].set_ylabel(f"validation {metric} (mean over seeds)")

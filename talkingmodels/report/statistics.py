@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from talkingmodels.tasks import get_task
-
 REFERENCE = "scratch"
 
 
@@ -62,18 +60,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                     (values[paired] < reference[paired])
                 row["wins"] = f"{int(better.sum())}/{len(paired)}"
             rows.append(row)
-    return _in_suite_order(pd.DataFrame(rows))
-
-
-def _suite_order(task: str) -> tuple[list[str], list[str]]:
-    """A task's settings and method labels in the order of its bench suites (the full
-    suite, then the ablations)."""
-    from talkingmodels import suites
-
-    cls = get_task(task)
-    settings = [*suites.settings(cls, "full"), *suites.settings(cls, "ablations")]
-    labels = [entry["label"] for suite in ("full", "ablations") for entry in suites.methods(cls, suite)]
-    return list(dict.fromkeys(settings)), list(dict.fromkeys(labels))
+    # tasks by name; settings and methods in the rows' order (the store's reader keeps the
+    # order they were run in)
+    return pd.DataFrame(rows).sort_values("task", kind="stable", ignore_index=True)
 
 
 def _rank(order: list[str]):
@@ -81,18 +70,6 @@ def _rank(order: list[str]):
     (with a stable sort)."""
     position = {name: i for i, name in enumerate(order)}
     return lambda names: names.map(lambda name: position.get(name, len(position)))
-
-
-def _in_suite_order(summary: pd.DataFrame) -> pd.DataFrame:
-    """Tasks in name order (as bench all runs them), whatever order the store was filled
-    in; within a task, settings and methods in the order of its bench suites, others after
-    them in the store's order."""
-    parts = []
-    for task, group in summary.groupby("task", sort=True):
-        settings, labels = _suite_order(task)
-        group = group.sort_values("method", kind="stable", key=_rank(labels))
-        parts.append(group.sort_values("setting", kind="stable", key=_rank(settings)))
-    return pd.concat(parts, ignore_index=True)
 
 
 def _variants() -> list[str]:

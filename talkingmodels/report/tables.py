@@ -10,7 +10,6 @@ from talkingmodels.report.statistics import (
     _na_runs,
     _per_class,
     _rank,
-    _suite_order,
     _values,
     _variants,
     best_other,
@@ -254,7 +253,7 @@ def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
         ok = len(columns) and method in cka.index
         return f"{cka.loc[method, columns].mean():.3f}" if ok else "n/a"
 
-    order = _suite_order(runs.task.iloc[0])[1] if "task" in runs else []
+    order = list(dict.fromkeys(runs.method))  # the store's order
     for method in gain.index.to_series().sort_values(kind="stable", key=_rank(order)):
         lines.append(f"| {method} | {points(method, hard)} | {points(method, easy)} | "
                      f"{similarity(method, hard)} | {similarity(method, easy)} |")

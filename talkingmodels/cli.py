@@ -108,9 +108,9 @@ def _finish(report: Path, start: float, peak: float) -> None:
 
 
 def cmd_report(args) -> None:
-    from talkingmodels.report import write_report
+    from talkingmodels.report import Study, write_report
 
-    print(f"wrote {write_report(Path(args.dir))}")
+    print(f"wrote {write_report(Path(args.dir), Study(focus=args.focus, reference=args.reference))}")
     if args.readme:
         from talkingmodels.report import update_readme
 
@@ -180,6 +180,9 @@ def build_parser() -> Parser:
 
     report = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
     report.add_argument("dir", type=Path)
+    report.add_argument("--focus", default="td", help="the method under study (default: td)")
+    report.add_argument("--reference", default="scratch",
+                        help="the method every gain is measured against (default: scratch)")
     report.add_argument("--readme", type=Path, help="also regenerate DIR's results block in this "
                         "Markdown file (between its marker lines)")
     report.set_defaults(func=cmd_report)

@@ -183,3 +183,16 @@ def test_forest_rows_by_hand(tmp_path):
     results.to_csv(tmp_path / "results.csv", index=False)
     assert "![gain over scratch with 95% intervals](forest.png)" in write_report(tmp_path).read_text()
     assert (tmp_path / "forest.png").stat().st_size > 0
+
+
+def test_the_method_under_study_and_the_reference_are_parameters(tmp_path):
+    from talkingmodels import cli
+
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0, 1.0]) + rows("td", [0.9, 1.1, 0.8])
+                           + rows("fitnet", [0.95, 0.96, 0.94]))
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert cli.main(["report", str(tmp_path), "--focus", "fitnet", "--reference", "td"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "| fitnet against | mean difference (fitnet better if > 0)" in text
+    # gains are now over td (mean 0.9333): fitnet's 0.95 is 1.79% worse
+    assert "| fitnet | 0.9500 ± 0.0100 | -1.79% |" in text

@@ -13,6 +13,8 @@ from talkingmodels.report.blocks import README_END, README_START, readme_block, 
 from talkingmodels.report.plots import cka_section, forest_plot, plot_curves
 from talkingmodels.report.statistics import (
     REFERENCE,
+    STUDY,
+    Study,
     best_other,
     compared,
     forest_rows,
@@ -34,7 +36,7 @@ from talkingmodels.report.tables import (
 )
 from talkingmodels.store import read_curves, read_results
 
-__all__ = ["README_END", "README_START", "REFERENCE", "ablation_overview", "ablation_table",
+__all__ = ["README_END", "README_START", "REFERENCE", "STUDY", "Study", "ablation_overview", "ablation_table",
            "best_other", "cka_section", "compared", "compute_table", "forest_plot", "forest_rows",
            "gains_table", "markdown_table", "overview_table", "paired_table", "plot_curves",
            "readme_block", "readme_markers", "relative_gain", "significance_line", "summarise",
@@ -42,28 +44,28 @@ __all__ = ["README_END", "README_START", "REFERENCE", "ablation_overview", "abla
            "write_report"]
 
 
-def write_report(out: Path) -> Path:
+def write_report(out: Path, study: Study = STUDY) -> Path:
     """Write ``report.md`` and the plots for the runs stored in ``out``."""
     results = read_results(out)
-    summary = summarise(results)
+    summary = summarise(results, study)
     lines = ["# talkingmodels report", "",
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
              "test metric is better than scratch's on the same seed.", ""]
-    methods = compared(summary)
-    if forest_plot(results, Path(out) / "forest.png") is not None:
+    methods = compared(summary, study)
+    if forest_plot(results, Path(out) / "forest.png", study) is not None:
         lines += ["![gain over scratch with 95% intervals](forest.png)", ""]
     if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["## Relative improvement over scratch, every setting", "",
                   "Mean test metric against scratch's, in percent (positive = better); the average "
                   "is over the settings where the method applies (their count in brackets).", "",
                   gains_table(methods), ""]
-        if "td" in set(methods.method):
+        if study.focus in set(methods.method):
             lines += ["## TD against every method, every setting", "",
                       "Paired by seed; better or worse where the paired t-test says so at 5%, else "
                       "n.s. (not significant); each setting's full table is under it.", "",
-                      versus_table(compared(results), methods), ""]
-    if ablations := ablation_overview(summary):
+                      versus_table(compared(results, study), methods, study), ""]
+    if ablations := ablation_overview(summary, study):
         lines += ["## Ablations of TD, every ablated setting", "",
                   "Each variant's mean test metric against the default TD's, in percent (positive = "
                   "the variant is better); details and paired tests under each setting.", "",
@@ -72,24 +74,25 @@ def write_report(out: Path) -> Path:
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]
         # (the variants' CKA is in the ablation tables)
-        lines += cka_section(compared(results), methods, task, Path(out))
+        lines += cka_section(compared(results, study), methods, task, Path(out), study)
     for (task, setting), everything in summary.groupby(["task", "setting"], sort=False):
-        group = without_variants(everything)
+        group = without_variants(everything, study)
         lines += [f"## {task} / {setting}", "",
                   f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
-                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group), ""]
+                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group, study), ""]
         runs = results[(results.task == task) & (results.setting == setting)]
-        paired = paired_table(without_variants(runs))
+        paired = paired_table(without_variants(runs, study), study)
         if paired:
-            line = significance_line(without_variants(runs), group)
+            line = significance_line(without_variants(runs, study), group, study)
             lines += ["Paired by seed (same split and student initialisation per seed):", "",
                       paired, "", *([line, ""] if line else [])]
         if len(group) < len(everything):
-            lines += [f"### Ablations of TD, {task} / {setting}", "", ablation_table(everything, runs), ""]
+            lines += [f"### Ablations of TD, {task} / {setting}", "",
+                      ablation_table(everything, runs, study), ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
     curves = read_curves(out)
     if curves is not None:
-        plot_curves(curves, Path(out), results)
+        plot_curves(curves, Path(out), results, study)
     summary.to_csv(Path(out) / "summary.csv", index=False)
     report = Path(out) / "report.md"
     report.write_text("\n".join(lines))

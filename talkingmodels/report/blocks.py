@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from talkingmodels.errors import UserError
-from talkingmodels.report.statistics import compared, summarise, without_variants
+from talkingmodels.report.statistics import STUDY, Study, compared, summarise, without_variants
 from talkingmodels.report.tables import (
     ablation_overview,
     compute_table,
@@ -29,33 +29,34 @@ def readme_markers(doc: str, store: str) -> tuple[str, str]:
     return README_START.format(store=store, doc=doc), README_END.format(store=store)
 
 
-def readme_block(out: Path) -> str:
+def readme_block(out: Path, study: Study = STUDY) -> str:
     """The results of a runs store as a doc (docs/results.md) shows them: the table of every method's
     gain over scratch across settings, each task's settings side by side, and for each
     setting TD's paired comparison with the best other method. Generated, so the doc
     never carries a number typed by hand."""
     results = read_results(out)
-    summary = summarise(results)
-    methods = compared(summary)
+    summary = summarise(results, study)
+    methods = compared(summary, study)
     lines = []
     for task, group in methods.groupby("task", sort=False):
-        lines += [f"**{task}**", "", overview_table(group), ""]
+        lines += [f"**{task}**", "", overview_table(group, study), ""]
         for setting, per_setting in group.groupby("setting", sort=False):
-            runs = without_variants(results[(results.task == task) & (results.setting == setting)])
-            if line := significance_line(runs, per_setting):
+            runs = without_variants(results[(results.task == task) & (results.setting == setting)], study)
+            if line := significance_line(runs, per_setting, study):
                 lines += [f"- {setting}: {line}"]
         if lines[-1]:  # (after significance lines)
             lines += [""]
         for setting in dict.fromkeys(group.setting):
             lines += undistillable_table(
-                without_variants(results[(results.task == task) & (results.setting == setting)]), setting)
+                without_variants(results[(results.task == task) & (results.setting == setting)], study),
+                setting, study)
     if len(methods.groupby(["task", "setting"])) > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
-        if "td" in set(methods.method):
+        if study.focus in set(methods.method):
             lines += ["TD against every method, paired by seed (paired t-test at 5%; n.s.: not "
-                      "significant):", "", versus_table(compared(results), methods), ""]
-    if ablations := ablation_overview(summary):
+                      "significant):", "", versus_table(compared(results, study), methods, study), ""]
+    if ablations := ablation_overview(summary, study):
         lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
                   "variant is better):", "", ablations, ""]
     if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)

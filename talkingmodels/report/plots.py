@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from talkingmodels.report.statistics import (
-    REFERENCE,
+    STUDY,
+    Study,
     _ablation_only,
     _higher,
     _per_class,
@@ -20,7 +21,8 @@ from talkingmodels.report.statistics import (
 from talkingmodels.report.tables import undistillable_table
 
 
-def cka_section(results: pd.DataFrame, summary: pd.DataFrame, task: str, out: Path) -> list[str]:
+def cka_section(results: pd.DataFrame, summary: pd.DataFrame, task: str, out: Path,
+                study: Study = STUDY) -> list[str]:
     """Linear CKA between each method's student and the teacher at h (test split, mean
     over seeds): a table and a heatmap of methods x settings; for classification, the same
     per class, and whether TD gains most where logit KD does not help ("undistillable"
@@ -43,11 +45,12 @@ def cka_section(results: pd.DataFrame, summary: pd.DataFrame, task: str, out: Pa
     lines += ["", f"![CKA](cka_{task}.png)", ""]
     runs = results[(results.task == task) & results.class_metric.notna()]
     for setting, per_setting in runs.groupby("setting", sort=False):
-        lines += undistillable(per_setting, setting, task, out)
+        lines += undistillable(per_setting, setting, task, out, study)
     return lines
 
 
-def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path) -> list[str]:
+def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path,
+                  study: Study = STUDY) -> list[str]:
     """The per-class CKA heatmap of one setting and :func:`undistillable_table`."""
     from talkingmodels.analysis import cka_heatmap
 
@@ -56,10 +59,10 @@ def undistillable(runs: pd.DataFrame, setting: str, task: str, out: Path) -> lis
     path = cka_heatmap(_per_class(runs, "cka_classes"), out / f"cka_classes_{task}_{setting}.png",
                        f"{task} / {setting}: per-class CKA with the teacher at h")
     return [f"Per-class CKA, {setting} (mean over seeds): ![per-class CKA]({path.name})", "",
-            *undistillable_table(runs, setting)]
+            *undistillable_table(runs, setting, study)]
 
 
-def _plot_panel(ax, group: pd.DataFrame, order: list[str], higher: bool) -> None:
+def _plot_panel(ax, group: pd.DataFrame, order: list[str], higher: bool, study: Study) -> None:
     """One axis of validation curves, methods in the suite's order: TD in black and scratch
     in grey as the references, every other method in a colour of its own (tab20: an
     ablation panel has 20 lines)."""
@@ -67,8 +70,8 @@ def _plot_panel(ax, group: pd.DataFrame, order: list[str], higher: bool) -> None
     group = group.sort_values("method", kind="stable", key=_rank(order))
     for method, runs in group.groupby("method", sort=False):
         mean = runs.groupby("epoch")["value"].mean()
-        style = {"td": {"color": "black", "linewidth": 2.2},
-                 REFERENCE: {"color": "grey", "linewidth": 2.2}}.get(method)
+        style = {study.focus: {"color": "black", "linewidth": 2.2},
+                 study.reference: {"color": "grey", "linewidth": 2.2}}.get(method)
         style = style or {"color": next(colours), "linewidth": 1.3}
         # Solid while every seed still trains; dotted once early stopping has ended some
         # (the mean of the survivors is then a biased view).
@@ -94,7 +97,8 @@ def _colours(n: int) -> list:
     return [matplotlib.colormaps["tab20" if n > 10 else "tab10"](i % 20) for i in range(n)]
 
 
-def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame) -> list[Path]:
+def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame,
+                study: Study = STUDY) -> list[Path]:
     """Mean validation metric per epoch and method, one PNG per (task, setting): the
     methods in one panel and, where the setting was ablated, TD's variants in a second
     (``results``: the store's rows, for each task's metric direction)."""
@@ -106,16 +110,16 @@ def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame) -> list[
     paths = []
     val = curves[curves.name.str.startswith("val_")]
     for (task, setting), group in val.groupby(["task", "setting"], sort=False):
-        variants = group.method.isin(_variants())
+        variants = group.method.isin(_variants(study))
         # (a setting run for the ablations only has no methods of its own to show)
-        panels = [] if _ablation_only(group).all() else [("methods", group[~variants])]
+        panels = [] if _ablation_only(group, study).all() else [("methods", group[~variants])]
         if variants.any():
-            references = group.method.isin([REFERENCE, "td"])
+            references = group.method.isin([study.reference, study.focus])
             panels.append(("TD's ablations", group[variants | references]))
         fig, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 4.4), squeeze=False)
         for ax, (title, rows) in zip(axes[0], panels, strict=True):
             mine = results[results.task == task]  # (its methods in the store's order)
-            _plot_panel(ax, rows, list(dict.fromkeys(mine.method)), _higher(mine))
+            _plot_panel(ax, rows, list(dict.fromkeys(mine.method)), _higher(mine), study)
             ax.set_title(title, fontsize=10)
         metric = group.name.iloc[0][len("val_"):]
         axes[0][0].set_ylabel(f"validation {metric} (mean over seeds)")
@@ -128,19 +132,19 @@ def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame) -> list[
     return paths
 
 
-def forest_plot(results: pd.DataFrame, path: Path, focus: str = "td") -> Path | None:
+def forest_plot(results: pd.DataFrame, path: Path, study: Study = STUDY) -> Path | None:
     """The summary figure of a store: each method's gain over scratch with its 95% interval,
-    one panel per setting in the report's order (``focus`` in black); None when no setting
+    one panel per setting in the report's order (the focus in black); None when no setting
     has scratch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = forest_rows(results)
+    rows = forest_rows(results, study)
     if rows.empty:
         return None
-    order = compared(summarise(results))  # tasks by name, settings and methods in suite order
+    order = compared(summarise(results, study), study)  # tasks by name, then the run order
     panels = [key for key in dict.fromkeys(zip(order.task, order.setting, strict=True))
               if key in set(zip(rows.task, rows.setting, strict=True))]
     methods = [m for m in dict.fromkeys(order.method) if m in set(rows.method)][::-1]  # first on top
@@ -154,7 +158,7 @@ def forest_plot(results: pd.DataFrame, path: Path, focus: str = "td") -> Path | 
             if method not in mine.index:
                 continue
             row = mine.loc[method]
-            colour = "black" if method == focus else "tab:blue"
+            colour = "black" if method == study.focus else "tab:blue"
             ax.errorbar(row.gain_pct, y, xerr=[[row.gain_pct - row.low_pct], [row.high_pct - row.gain_pct]],
                         fmt="o", color=colour, markersize=4, capsize=2, linewidth=1.2)
         ax.axvline(0, color="grey", linewidth=0.8)

@@ -3,9 +3,25 @@ comparisons, and which rows are methods and which are TD's ablation variants."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
-REFERENCE = "scratch"
+
+@dataclass(frozen=True)
+class Study:
+    """Whom a report is about: the method under study (``focus``, its ablation variants are
+    the ablation suite's other labels), the ``reference`` every gain is measured against, and
+    the ``baseline`` whose per-class losses against the reference define the "undistillable"
+    classes. Parameters of the report, so that another method can be studied."""
+
+    focus: str = "td"
+    reference: str = "scratch"
+    baseline: str = "logit-kd"
+
+
+STUDY = Study()
+REFERENCE = STUDY.reference  # (the default reference, for callers that name it)
 
 
 def relative_gain(value: float, reference: float, higher_is_better: bool) -> float:
@@ -26,12 +42,13 @@ def _na_runs(results: pd.DataFrame) -> pd.Series:
     return results.status.astype(str).str.startswith("n/a")
 
 
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, setting, method): mean, std, n, gain over scratch, paired wins."""
+def summarise(results: pd.DataFrame, study: Study = STUDY) -> pd.DataFrame:
+    """One row per (task, setting, method): mean, std, n, gain over the reference, paired
+    wins against it."""
     rows = []
     for (task, setting), group in results.groupby(["task", "setting"], sort=False):
         higher = _higher(group)
-        reference = group[group.method == REFERENCE].set_index("seed")["value"].dropna()
+        reference = group[group.method == study.reference].set_index("seed")["value"].dropna()
         for method, runs in group.groupby("method", sort=False):
             na = _na_runs(runs)
             if na.all():  # the method has no meaning for this task (e.g. class logits on ratings)
@@ -72,36 +89,37 @@ def _rank(order: list[str]):
     return lambda names: names.map(lambda name: position.get(name, len(position)))
 
 
-def _variants() -> list[str]:
-    """The labels of TD's ablation variants (the ablation suite but scratch and TD itself)."""
+def _variants(study: Study = STUDY) -> list[str]:
+    """The labels of the focus's ablation variants (the ablation suite but the reference and
+    the focus itself)."""
     from talkingmodels.suites import ABLATIONS
 
-    return [label for label in ABLATIONS if label not in (REFERENCE, "td")]
+    return [label for label in ABLATIONS if label not in (study.reference, study.focus)]
 
 
-def without_variants(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of methods (not of TD's ablation variants): the tables comparing methods,
+def without_variants(frame: pd.DataFrame, study: Study = STUDY) -> pd.DataFrame:
+    """The rows of methods (not of the ablation variants): the tables comparing methods,
     and "the best other method", leave the variants to the ablation tables."""
-    return frame[~frame.method.isin(_variants())]
+    return frame[~frame.method.isin(_variants(study))]
 
 
-def _ablation_only(frame: pd.DataFrame) -> pd.Series:
-    """Per row: whether its (task, setting) holds TD's ablation variants and no method but
-    scratch and TD, i.e. was run for the ablations only."""
-    variant = frame.method.isin(_variants())
-    other = ~variant & ~frame.method.isin([REFERENCE, "td"])
+def _ablation_only(frame: pd.DataFrame, study: Study = STUDY) -> pd.Series:
+    """Per row: whether its (task, setting) holds ablation variants and no method but the
+    reference and the focus, i.e. was run for the ablations only."""
+    variant = frame.method.isin(_variants(study))
+    other = ~variant & ~frame.method.isin([study.reference, study.focus])
     by = [frame.task, frame.setting]
     return variant.groupby(by).transform("any") & ~other.groupby(by).transform("any")
 
 
-def compared(frame: pd.DataFrame) -> pd.DataFrame:
+def compared(frame: pd.DataFrame, study: Study = STUDY) -> pd.DataFrame:
     """The rows of methods on the settings where methods are compared: a setting that holds
     TD's ablation variants and no method but scratch and TD (text's ``tweets-1k``) was run
     for the ablations only, so the tables across methods leave it out (its columns would
     be n/a for every other method, and TD's average gain would count one more setting than
     theirs); its own section and the ablation tables show it. A store of the ablations
     alone keeps all its settings: scratch and TD are the methods it compares."""
-    variant, ablation_only = frame.method.isin(_variants()), _ablation_only(frame)
+    variant, ablation_only = frame.method.isin(_variants(study)), _ablation_only(frame, study)
     if ablation_only[~variant].all():
         return frame[~variant]
     return frame[~variant & ~ablation_only]
@@ -112,34 +130,35 @@ def _values(results: pd.DataFrame) -> pd.DataFrame:
     return results.pivot_table(index="seed", columns="method", values="value")
 
 
-def best_other(summary: pd.DataFrame, focus: str = "td") -> str | None:
-    """The method other than ``focus`` (and scratch) with the best mean test metric."""
+def best_other(summary: pd.DataFrame, study: Study = STUDY) -> str | None:
+    """The method other than the focus (and the reference) with the best mean test metric."""
     higher = _higher(summary)
-    others = summary[(summary.method != focus) & (summary.method != REFERENCE) & ~summary.na.astype(bool)]
+    others = summary[(summary.method != study.focus) & (summary.method != study.reference)
+                     & ~summary.na.astype(bool)]
     others = others.dropna(subset=["mean"])
     if others.empty:
         return None
     return others.loc[others["mean"].idxmax() if higher else others["mean"].idxmin(), "method"]
 
 
-def forest_rows(results: pd.DataFrame) -> pd.DataFrame:
+def forest_rows(results: pd.DataFrame, study: Study = STUDY) -> pd.DataFrame:
     """Per compared (task, setting) and method but scratch: the gain over scratch in percent
     of scratch's mean, paired by seed, with its 95% interval (the t interval of the mean
     paired difference, scaled the same way)."""
     from talkingmodels.analysis import paired_comparison
 
-    runs = compared(results)
+    runs = compared(results, study)
     runs = runs[~_na_runs(runs)]
     rows = []
     for (task, setting), group in runs.groupby(["task", "setting"], sort=False):
         values = group.pivot_table(index="seed", columns="method", values="value")
-        if REFERENCE not in values:
+        if study.reference not in values:
             continue
-        higher, scale = _higher(group), 100.0 / values[REFERENCE].mean()
+        higher, scale = _higher(group), 100.0 / values[study.reference].mean()
         for method in dict.fromkeys(group.method):
-            if method == REFERENCE or method not in values:  # (a method whose runs all failed)
+            if method == study.reference or method not in values:  # (all its runs failed)
                 continue
-            test = paired_comparison(values[method], values[REFERENCE], higher)
+            test = paired_comparison(values[method], values[study.reference], higher)
             rows.append({"task": task, "setting": setting, "method": method, "n": test["n"],
                          "gain_pct": scale * test["mean_diff"], "low_pct": scale * test["ci_low"],
                          "high_pct": scale * test["ci_high"]})

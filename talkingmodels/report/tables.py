@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from talkingmodels.report.statistics import (
-    REFERENCE,
+    STUDY,
+    Study,
     _higher,
     _na_runs,
     _per_class,
@@ -31,7 +32,7 @@ def _cka_text(row) -> str:
     return f"{row['cka']:.3f}" if pd.notna(row.get("cka")) else "-"
 
 
-def markdown_table(summary: pd.DataFrame) -> str:
+def markdown_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     metric = summary.metric.iloc[0]
     lines = [f"| method | test {metric} (mean ± std) | gain vs scratch | beats scratch | n | "
              f"val {metric} | best epoch | s/run | peak GiB | extra params | CKA at h |",
@@ -42,7 +43,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
             continue
         cka, gain = _cka_text(r), _gain_text(r)
         peak = f"{r['peak_gib']:.2f}" if pd.notna(r.get("peak_gib")) else "-"
-        wins = r.get("wins", "n/a") if r["method"] != REFERENCE else "-"
+        wins = r.get("wins", "n/a") if r["method"] != study.reference else "-"
         n = f"{r['n']} ({r['failed']} failed)" if r["failed"] else f"{r['n']}"
         lines.append(f"| {r['method']} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | {wins} | "
                      f"{n} | {r['val_mean']:.4f} | {r['epochs']:.1f} | {r['seconds']:.1f} | {peak} | "
@@ -50,7 +51,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def overview_table(summary: pd.DataFrame) -> str:
+def overview_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     """Methods as rows, settings side by side: validation and test mean (± std over seeds)."""
     settings = list(dict.fromkeys(summary.setting))
     metric = summary.metric.iloc[0]
@@ -70,7 +71,7 @@ def overview_table(summary: pd.DataFrame) -> str:
     higher = _higher(summary)
     for setting in settings:
         rows = summary[summary.setting == setting]
-        scratch, teacher = rows[rows.method == REFERENCE], rows.teacher.iloc[0]
+        scratch, teacher = rows[rows.method == study.reference], rows.teacher.iloc[0]
         gain = "n/a" if scratch.empty else f"{relative_gain(teacher, scratch['mean'].iloc[0], higher):+.2f}%"
         cells += ["-", f"{teacher:.4f}", gain]
     lines.append("| teacher (frozen) | " + " | ".join(cells) + " |")
@@ -83,64 +84,67 @@ def _change(label: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in ABLATIONS[label].items() if k != "name")
 
 
-def ablation_table(summary: pd.DataFrame, results: pd.DataFrame) -> str:
-    """TD's ablation variants of one setting against the default TD, paired by seed: what
-    each changes, its test metric, gain over scratch, difference from TD (positive =
-    the variant is better) with the paired t-test, and CKA with the teacher."""
+def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
+    """The focus's ablation variants of one setting against its default, paired by seed:
+    what each changes, its test metric, gain over the reference, difference from the focus
+    (positive = the variant is better) with the paired t-test, and CKA with the teacher."""
     from talkingmodels.analysis import paired_comparison
 
     higher = _higher(summary)
     table = _values(results)
     metric = summary.metric.iloc[0]
-    lines = [f"| variant | change from td | test {metric} | gain vs scratch | vs td | p (paired t) | "
-             "better than td on | CKA at h |", "|---|---|---|---|---|---|---|---|"]
-    for label in [REFERENCE, "td", *_variants()]:
+    focus, reference = study.focus, study.reference
+    lines = [f"| variant | change from {focus} | test {metric} | gain vs {reference} | vs {focus} | "
+             f"p (paired t) | better than {focus} on | CKA at h |", "|---|---|---|---|---|---|---|---|"]
+    for label in [reference, focus, *_variants(study)]:
         row = summary[summary.method == label]
         if row.empty or _na(row.iloc[0]):
             continue
         r = row.iloc[0]
         gain, cka = _gain_text(r), _cka_text(r)
-        if label == "td" or "td" not in table or label not in table:
+        if label == focus or focus not in table or label not in table:
             versus = ["-", "-", "-"]
         else:
-            c = paired_comparison(table[label], table["td"], higher)
+            c = paired_comparison(table[label], table[focus], higher)
             versus = [f"{c['mean_diff']:+.4f}", f"{c['p_ttest']:.3f}", f"{c['wins']}/{c['n']}"]
-        change = "(reference)" if label in (REFERENCE, "td") else _change(label)
+        change = "(reference)" if label in (reference, focus) else _change(label)
         lines.append(f"| {label} | {change} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | "
                      + " | ".join(versus) + f" | {cka} |")
     return "\n".join(lines)
 
 
-def ablation_overview(summary: pd.DataFrame) -> str:
+def ablation_overview(summary: pd.DataFrame, study: Study = STUDY) -> str:
     """Every ablated setting side by side: each variant's test metric relative to the
-    default TD's, in percent (positive = the variant is better); "" without variants."""
-    variants = summary[summary.method.isin(_variants())]
+    focus's default, in percent (positive = the variant is better); "" without variants."""
+    variants = summary[summary.method.isin(_variants(study))]
     keys = list(dict.fromkeys(zip(variants.task, variants.setting, strict=True)))
     if not keys:
         return ""
-    lines = ["| variant | change from td | " + " | ".join(f"{t} / {s}" for t, s in keys) + " |",
-             "|---" * (len(keys) + 2) + "|"]
-    for label in [REFERENCE, *_variants()]:
+    lines = [f"| variant | change from {study.focus} | " + " | ".join(f"{t} / {s}" for t, s in keys)
+             + " |", "|---" * (len(keys) + 2) + "|"]
+    for label in [study.reference, *_variants(study)]:
         cells = []
         for task, setting in keys:
             group = summary[(summary.task == task) & (summary.setting == setting)]
-            row, td = group[group.method == label], group[group.method == "td"]
-            if row.empty or td.empty or _na(row.iloc[0]):
+            row, default = group[group.method == label], group[group.method == study.focus]
+            if row.empty or default.empty or _na(row.iloc[0]):
                 cells.append("n/a")
                 continue
             higher = _higher(summary[summary.task == task])
-            cells.append(f"{relative_gain(row.iloc[0]['mean'], td.iloc[0]['mean'], higher):+.2f}%")
+            cells.append(f"{relative_gain(row.iloc[0]['mean'], default.iloc[0]['mean'], higher):+.2f}%")
         if set(cells) != {"n/a"}:
-            change = "no distillation" if label == REFERENCE else _change(label)
+            change = "no distillation" if label == study.reference else _change(label)
             lines.append(f"| {label} | {change} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
-    """``focus`` against every other method of one setting, paired by seed (same split,
+def paired_table(results: pd.DataFrame, study: Study = STUDY) -> str:
+    """The focus against every other method of one setting, paired by seed (same split,
     same student initialisation): mean difference with its 95% interval, the paired t-test
     and the exact Wilcoxon signed-rank p-values, and the seeds on which ``focus`` wins."""
     from talkingmodels.analysis import paired_comparison
+
+    focus = study.focus
 
     higher = _higher(results)
     table = _values(results)
@@ -159,11 +163,13 @@ def paired_table(results: pd.DataFrame, focus: str = "td") -> str:
     return "\n".join(lines)
 
 
-def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
-    """One plain sentence: ``focus`` against the best other method of the setting."""
+def significance_line(results: pd.DataFrame, summary: pd.DataFrame, study: Study = STUDY) -> str:
+    """One plain sentence: the focus against the best other method of the setting."""
     from talkingmodels.analysis import paired_comparison
 
-    other = best_other(summary, focus)
+    focus = study.focus
+
+    other = best_other(summary, study)
     table = _values(results)
     if other is None or focus not in table or other not in table:
         return ""
@@ -176,12 +182,14 @@ def significance_line(results: pd.DataFrame, summary: pd.DataFrame, focus: str =
             f"{claim}.")
 
 
-def versus_table(results: pd.DataFrame, summary: pd.DataFrame, focus: str = "td") -> str:
-    """``focus`` against every other method on every setting of a store, paired by seed:
+def versus_table(results: pd.DataFrame, summary: pd.DataFrame, study: Study = STUDY) -> str:
+    """The focus against every other method on every setting of a store, paired by seed:
     "better" or "worse" where the paired t-test says so at 5%, else "n.s.", with its p; the
     last column counts the settings each way. docs/results.md's plain words on where TD wins
     are read off this table."""
     from talkingmodels.analysis import paired_comparison
+
+    focus = study.focus
 
     keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
     lines = [f"| {focus} against | " + " | ".join(f"{t} / {s}" for t, s in keys) +
@@ -227,21 +235,23 @@ def gains_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def undistillable_table(runs: pd.DataFrame, setting: str) -> list[str]:
+def undistillable_table(runs: pd.DataFrame, setting: str, study: Study = STUDY) -> list[str]:
     """The paper's claim that TD helps most on "undistillable" classes, as numbers: the
-    classes whose test accuracy logit-kd lowers against scratch (mean over seeds), and each
-    method's mean per-class accuracy gain over scratch and CKA on them and on the others."""
+    classes whose test accuracy the baseline (logit-kd) lowers against the reference (mean
+    over seeds), and each method's mean per-class accuracy gain over the reference and CKA
+    on them and on the others."""
     if not {"cka_classes", "class_metric"} <= set(runs) or runs.class_metric.isna().all():
         return []
     cka, accuracy = _per_class(runs, "cka_classes"), _per_class(runs, "class_metric")
-    if not {REFERENCE, "logit-kd"} <= set(accuracy.index):
+    reference, baseline = study.reference, study.baseline
+    if not {reference, baseline} <= set(accuracy.index):
         return []
-    gain = accuracy - accuracy.loc[REFERENCE]  # per-class accuracy gain over scratch
-    hard = gain.columns[gain.loc["logit-kd"] < 0]
-    easy = gain.columns[gain.loc["logit-kd"] >= 0]
-    lines = [f"Undistillable classes of {setting} (logit-kd's per-class test accuracy below "
-             f"scratch's): {', '.join(map(str, hard)) or 'none'}. Mean per-class accuracy gain "
-             "over scratch, in points:", "",
+    gain = accuracy - accuracy.loc[reference]  # per-class accuracy gain over the reference
+    hard = gain.columns[gain.loc[baseline] < 0]
+    easy = gain.columns[gain.loc[baseline] >= 0]
+    lines = [f"Undistillable classes of {setting} ({baseline}'s per-class test accuracy below "
+             f"{reference}'s): {', '.join(map(str, hard)) or 'none'}. Mean per-class accuracy gain "
+             f"over {reference}, in points:", "",
              "| method | on undistillable classes | on the other classes | CKA, undistillable "
              "| CKA, other |",
              "|---|---|---|---|---|"]

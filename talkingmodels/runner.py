@@ -40,7 +40,7 @@ from talkingmodels.export import save_weights
 from talkingmodels.methods import supports
 from talkingmodels.probes import PeakMemory, TensorBoardLog
 from talkingmodels.states import ModelPair
-from talkingmodels.tasks import Prepared, Task
+from talkingmodels.tasks import Prepared
 
 
 def build_method(prepared: Prepared, cls: type, options, seed: int):
@@ -131,14 +131,6 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     return write_report(out) if distributed.is_main() else out / "report.md"
 
 
-def _metric_cells(task: Task) -> dict:
-    """The metric of a results row: its name and direction, and the class names of a
-    classification task (the report reads them from the store)."""
-    names = json.dumps(list(task.class_names)) if task.class_names else ""
-    return {"metric": task.metric.name, "higher_is_better": task.metric.higher_is_better,
-            "class_names": names}
-
-
 def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:
     """What a checkpoint must agree with to be resumed: everything that shapes its run."""
     return {"task": exp.config.task_options, "train": exp.train[setting].model_dump(),
@@ -176,13 +168,15 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
     where = f"{prep.setting} {label} seed {seed}"
     bar.set_postfix_str(where, refresh=False)
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
+
+    def row(status: str, **cells) -> dict:  # this run's results row
+        return store.result_row(key, task.metric, prep.teacher_metric, cls.name, status,
+                                task.class_names, **cells)
+
     if not supports(cls, prep.output):  # e.g. a class-distribution method on ratings
         bar.update()
         if distributed.is_main():
-            store.append_results(out, [{
-                **key, **_metric_cells(task), "value": "nan", "val_value": "nan",
-                "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
-                "status": f"n/a: needs {' or '.join(cls.outputs)} outputs"}])
+            store.append_results(out, [row(f"n/a: needs {' or '.join(cls.outputs)} outputs")])
         return
     method = build_method(prep, cls, options, seed)
     run_id = store.run_id_of(prep.setting, label, seed)
@@ -206,10 +200,7 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         if not distributed.is_main():
             return
         tqdm.write(f"run {prep.setting} {label} seed {seed} failed: {fault}", file=sys.stderr)
-        store.append_results(out, [{
-            **key, **_metric_cells(task), "value": "nan", "val_value": "nan",
-            "teacher_value": f"{prep.teacher_metric:.6f}", "method_name": cls.name,
-            "extra_params": method.extra_parameter_count(), "status": f"failed: {fault}"}])
+        store.append_results(out, [row(f"failed: {fault}", extra_params=method.extra_parameter_count())])
         return
     board.close()
     bar.update()
@@ -220,13 +211,10 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
                   if name not in ("epoch", "stage")]
     store.append_curves(out, curve_rows)
     save_weights(method.student, out / "students" / f"{run_id}.safetensors")
-    store.append_results(out, [{
-        **key, **_metric_cells(task), "value": f"{result.test:.6f}",
-        "val_value": f"{result.val:.6f}", "teacher_value": f"{prep.teacher_metric:.6f}",
-        "best_epoch": result.best_epoch, "epochs": result.epochs,
-        "seconds": f"{result.seconds:.2f}", "peak_gib": f"{memory.peak:.3f}",
-        "extra_params": method.extra_parameter_count(), "method_name": cls.name, "status": "ok",
+    store.append_results(out, [row(
+        "ok", value=f"{result.test:.6f}", val_value=f"{result.val:.6f}",
+        best_epoch=result.best_epoch, epochs=result.epochs, seconds=f"{result.seconds:.2f}",
+        peak_gib=f"{memory.peak:.3f}", extra_params=method.extra_parameter_count(),
         # (in batches small enough for a large teacher's activations)
-        **representation(prep, method.student, teacher_test, min(train.eval_batch_size, 512)),
-    }])
+        **representation(prep, method.student, teacher_test, min(train.eval_batch_size, 512)))])
     checkpoint.unlink(missing_ok=True)  # the run is in the store now

@@ -41,6 +41,22 @@ def run_id_of(setting: str, label: str, seed) -> str:
     return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")
 
 
+def result_row(key: dict, metric, teacher_value: float, method_name: str, status: str = "ok",
+               class_names: tuple[str, ...] = (), **cells) -> dict:
+    """One results row: the run's ``key`` (task, setting, method label, seed), its metric
+    (a :class:`~talkingmodels.losses.Metric`: name and direction), the teacher's metric, the
+    method's registered name, the status (``ok``, ``n/a: ...``, ``failed: ...``), the task's
+    class names, and the run's own ``cells`` (test and validation values, epochs, ...); a run
+    that produced no value has ``nan`` there."""
+    row = {**key, "metric": metric.name, "higher_is_better": metric.higher_is_better,
+           "value": "nan", "val_value": "nan", "teacher_value": f"{teacher_value:.6f}",
+           "method_name": method_name, "status": status,
+           "class_names": json.dumps(list(class_names)) if class_names else "", **cells}
+    if unknown := set(row) - set(RESULT_COLUMNS):
+        raise ValueError(f"not columns of the runs store: {sorted(unknown)}")
+    return row
+
+
 def csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)

@@ -36,14 +36,8 @@ from talkingmodels import frozen, taps
 from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.models import efficientnet_lite
-from talkingmodels.tasks.base import (
-    ClassificationTask,
-    Prepared,
-    TaskConfig,
-    config_key,
-    search_data,
-    sized_setting,
-)
+from talkingmodels.tasks import base
+from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key
 from talkingmodels.tasks.registry import register
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -74,7 +68,7 @@ def find_data(config: VisionConfig, cache: Path) -> Path:
     """Where the four idx files are: ``data_dir``, ``$TALKINGMODELS_DATA`` (each either
     holding them or a ``fashion-mnist/`` folder), the Debian package's folder, the user
     cache, else a download of the official files."""
-    found, looked = search_data(
+    found, looked = base.search_data(
         config.data_dir, [SYSTEM_DIR, cache / "data"], "fashion-mnist",
         lambda folder: folder if all(_file(folder, name) for name in FILES) else None,
         f"Fashion-MNIST's {', '.join(FILES)}")
@@ -214,13 +208,13 @@ class FashionVision(ClassificationTask):
         return [*SETTINGS, "fashion-N (N training images, e.g. fashion-500 or fashion-2k)"]
 
     def check_setting(self, setting: str) -> str:
-        if sized_setting(setting, ("fashion",)):
+        if base.sized_setting(setting, ("fashion",)):
             self.train_size(setting)  # within what the training set holds
             return setting
         return super().check_setting(setting)
 
     def train_size(self, setting: str) -> int:
-        _, size = sized_setting(setting, ("fashion",))
+        _, size = base.sized_setting(setting, ("fashion",))
         size = size or SETTINGS["fashion"]
         limit = 60_000 - self.config.val_size
         if size > limit:

@@ -1,0 +1,55 @@
+"""The runs store: rows of the current layout, appended whole; curves appended per run and
+read back once; rows read in the order the grid ran them; older layouts refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from talkingmodels import store
+from talkingmodels.errors import UserError
+from talkingmodels.losses import ACCURACY, RMSE
+
+
+def key(method, seed=0, setting="dense"):
+    return {"task": "toy", "setting": setting, "method": method, "seed": seed}
+
+
+def test_a_results_row_names_its_metric_and_refuses_unknown_columns():
+    row = store.result_row(key("td"), RMSE, 0.9, "td", value="0.950000")
+    assert row["metric"] == "rmse" and row["higher_is_better"] is False and row["status"] == "ok"
+    assert row["val_value"] == "nan" and row["teacher_value"] == "0.900000" and row["class_names"] == ""
+    named = store.result_row(key("td"), ACCURACY, 0.5, "td", class_names=("cat", "dog"))
+    assert named["higher_is_better"] is True and named["class_names"] == '["cat", "dog"]'
+    with pytest.raises(ValueError, match="not columns"):
+        store.result_row(key("td"), RMSE, 0.9, "td", valu="0.95")
+
+
+def test_rows_read_back_in_the_order_the_grid_ran(tmp_path):
+    for method, setting in (("td", "sparse"), ("scratch", "dense"), ("td", "dense"), ("scratch", "sparse")):
+        row = store.result_row(key(method, setting=setting), RMSE, 0.9, method)
+        store.append_results(tmp_path, [row])
+    store.record_task(tmp_path, "toy", {}, ["dense", "sparse"], ["scratch", "td"])
+    results = store.read_results(tmp_path)
+    assert list(zip(results.setting, results.method, strict=True)) == [
+        ("dense", "scratch"), ("dense", "td"), ("sparse", "scratch"), ("sparse", "td")]
+    assert store.done_runs(tmp_path) == {("toy", s, m, "0") for s in ("dense", "sparse")
+                                         for m in ("td", "scratch")}
+
+
+def test_curves_of_a_run_appended_twice_are_read_once(tmp_path):
+    def curve(method, value):
+        return [{**key(method), "epoch": e, "stage": "main", "name": "val_rmse", "value": value + e}
+                for e in (1, 2)]
+
+    store.append_curves(tmp_path, curve("td", 10))
+    store.append_curves(tmp_path, curve("scratch", 20))
+    store.append_curves(tmp_path, curve("td", 30))  # redone after a crash before its row
+    curves = store.read_curves(tmp_path)
+    assert sorted(zip(curves.method, curves.value, strict=True)) == [
+        ("scratch", 21), ("scratch", 22), ("td", 31), ("td", 32)]
+
+
+def test_a_store_of_another_layout_is_one_clear_error(tmp_path):
+    (tmp_path / "results.csv").write_text("task,setting,method,seed,metric,value\ntoy,dense,td,0,rmse,0.9\n")
+    with pytest.raises(UserError, match="not of this version's layout .*missing columns: val_value"):
+        store.read_results(tmp_path)

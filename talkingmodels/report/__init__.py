@@ -61,14 +61,14 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
                   "is over the settings where the method applies (their count in brackets).", "",
                   gains_table(methods), ""]
         if study.focus in set(methods.method):
-            lines += ["## TD against every method, every setting", "",
+            lines += [f"## {study.name} against every method, every setting", "",
                       "Paired by seed; better or worse where the paired t-test says so at 5%, else "
                       "n.s. (not significant); each setting's full table is under it.", "",
                       versus_table(compared(results, study), methods, study), ""]
     if ablations := ablation_overview(summary, study):
-        lines += ["## Ablations of TD, every ablated setting", "",
-                  "Each variant's mean test metric against the default TD's, in percent (positive = "
-                  "the variant is better); details and paired tests under each setting.", "",
+        lines += [f"## Ablations of {study.name}, every ablated setting", "",
+                  f"Each variant's mean test metric against the default {study.name}'s, in percent "
+                  "(positive = the variant is better); details and paired tests under each setting.", "",
                   ablations, ""]
     for task, group in methods.groupby("task", sort=False):
         if group.setting.nunique() > 1:
@@ -87,7 +87,7 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
             lines += ["Paired by seed (same split and student initialisation per seed):", "",
                       paired, "", *([line, ""] if line else [])]
         if len(group) < len(everything):
-            lines += [f"### Ablations of TD, {task} / {setting}", "",
+            lines += [f"### Ablations of {study.name}, {task} / {setting}", "",
                       ablation_table(everything, runs, study), ""]
         lines += [f"![validation curves](curves_{task}_{setting}.png)", ""]
     curves = read_curves(out)

@@ -54,10 +54,10 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
         if study.focus in set(methods.method):
-            lines += ["TD against every method, paired by seed (paired t-test at 5%; n.s.: not "
+            lines += [f"{study.name} against every method, paired by seed (paired t-test at 5%; n.s.: not "
                       "significant):", "", versus_table(compared(results, study), methods, study), ""]
     if ablations := ablation_overview(summary, study):
-        lines += ["Ablations: each variant's test metric against the default TD's (positive = the "
+        lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]
     if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)
         lines += ["Runs in this store (2 CPU cores):", "", compute_table(results), ""]

@@ -115,7 +115,7 @@ def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame,
         panels = [] if _ablation_only(group, study).all() else [("methods", group[~variants])]
         if variants.any():
             references = group.method.isin([study.reference, study.focus])
-            panels.append(("TD's ablations", group[variants | references]))
+            panels.append((f"{study.name}'s ablations", group[variants | references]))
         fig, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 4.4), squeeze=False)
         for ax, (title, rows) in zip(axes[0], panels, strict=True):
             mine = results[results.task == task]  # (its methods in the store's order)

@@ -19,6 +19,11 @@ class Study:
     reference: str = "scratch"
     baseline: str = "logit-kd"
 
+    @property
+    def name(self) -> str:
+        """How the prose names the focus (TD is the project's own method's name)."""
+        return "TD" if self.focus == "td" else self.focus
+
 
 STUDY = Study()
 REFERENCE = STUDY.reference  # (the default reference, for callers that name it)

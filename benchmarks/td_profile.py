@@ -1,7 +1,7 @@
 """Where TD's training step spends its time, per task.
 
     python benchmarks/td_profile.py [--tasks movielens,vision,text] [--steps 30] [--threads 2]
-        [--data-dir DIR] [--ops 8]
+        [--data-dir DIR] [--ops 8] [--csv td_profile.csv]
 
 For each task (its first bench setting, the task's batch size, teacher states cached), in
 one process: the median of ``steps`` timed steps (after warm-up) of
@@ -15,13 +15,17 @@ one process: the median of ``steps`` timed steps (after warm-up) of
   forward on a batch-shaped state and backward to that state, as TD's gradient needs it;
 - the teacher's forward over those layers without autograd (what no gradient would cost).
 
-With ``--ops N`` the N aten operators with the most self
+TD's **floor** is what it cannot avoid: its step without the interaction (``rounds: 0``)
+plus the interpretation step alone (forward and backward); ``td / floor`` is the overhead
+left on top of both. ``--csv FILE`` writes ``task``, ``td_ms``, ``floor_ms`` and
+``td_over_floor`` per task. With ``--ops N`` the N aten operators with the most self
 time in TD's step are printed too (torch.profiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import statistics
 import time
@@ -89,6 +93,7 @@ def profile_task(name: str, args) -> dict:
     row["interpretation"] = median_ms(lambda: interpret(True), args.steps)
     row["interpretation (forward only)"] = median_ms(lambda: interpret(False), args.steps)
     row["interaction"] = row["td"] - row["td, rounds 0"]
+    row["floor"] = row["td, rounds 0"] + row["interpretation"]
     return row
 
 
@@ -99,6 +104,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", help="MovieLens-100K folder")
     parser.add_argument("--ops", type=int, default=0, help="print TD's top N operators")
+    parser.add_argument("--csv", help="write task, td_ms, floor_ms, td_over_floor here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [profile_task(name, args) for name in args.tasks.split(",")]
@@ -112,6 +118,17 @@ def main() -> None:
               f"{r['td'] / r['logit-kd']:.2f} | {r['td, rounds 0']:.2f} | {r['interaction']:.2f} "
               f"({100 * r['interaction'] / r['td']:.0f}% of td) | {r['interpretation']:.2f} | "
               f"{r['interpretation (forward only)']:.2f} |")
+    print("\n| task | td step (ms) | floor: rounds 0 + interpretation (ms) | td / floor |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['td']:.2f} | {r['floor']:.2f} | {r['td'] / r['floor']:.2f} |")
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["task", "td_ms", "floor_ms", "td_over_floor"])
+            writer.writerows([r["task"], f"{r['td']:.3f}", f"{r['floor']:.3f}",
+                              f"{r['td'] / r['floor']:.3f}"] for r in rows)
+        print(f"wrote {args.csv}")
     for r in rows:
         if "ops" in r:
             print(f"\n{r['task']}: td's operators with the most self time (10 steps)\n{r['ops']}")

@@ -96,7 +96,8 @@ def _train_options(args) -> dict:
 
 
 def _store_options(args) -> dict:
-    return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard}
+    return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard,
+            "jobs": args.jobs, "threads": args.threads}
 
 
 def _finish(report: Path, start: float, peak: float) -> None:
@@ -148,6 +149,10 @@ def _add_store_arguments(parser: Parser) -> None:
                         help="continue runs that were interrupted (from their checkpoints)")
     parser.add_argument("--force", action="store_true",
                         help="start over: delete the results, students and checkpoints first")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train independent runs in N worker processes (default 1)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads per run (default: all cores, shared out among the jobs)")
     parser.add_argument("--tensorboard", type=Path, metavar="DIR",
                         help="write TensorBoard logs of every loss term and metric to DIR")
 

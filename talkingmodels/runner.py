@@ -19,10 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from talkingmodels import analysis, distributed, store
-from talkingmodels.config import Experiment
+from talkingmodels.config import Experiment, ExperimentConfig, resolve
 from talkingmodels.data import Split, as_loader, iterate
 from talkingmodels.engine import (
     NumericalFault,
@@ -36,7 +37,7 @@ from talkingmodels.engine import (
     seed_everything,
 )
 from talkingmodels.errors import UserError
-from talkingmodels.export import save_weights
+from talkingmodels.export import save_state
 from talkingmodels.methods import supports
 from talkingmodels.probes import PeakMemory, TensorBoardLog
 from talkingmodels.states import ModelPair
@@ -73,12 +74,22 @@ def _check_output(out: Path) -> None:
 
 
 def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True,
-                   resume: bool = False, tensorboard: Path | None = None) -> Path:
+                   resume: bool = False, tensorboard: Path | None = None, jobs: int = 1,
+                   threads: int | None = None) -> Path:
     """Run every (setting, method, seed) not yet in ``out/results.csv``; then the report.
 
     ``resume`` continues runs interrupted midway (their checkpoints); ``tensorboard`` is a
-    folder for TensorBoard logs of every loss term per step and per epoch.
+    folder for TensorBoard logs of every loss term per step and per epoch. ``jobs`` > 1
+    trains independent runs in that many worker processes, each with ``threads`` threads
+    (default: the cores shared out); this process alone writes the store, in the grid's
+    order, so the store is the one a serial run with as many threads writes.
     """
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise UserError(f"--jobs and --threads must be at least 1 (got {jobs} and {threads})")
+    if jobs > 1 and distributed.launched():
+        raise UserError("--jobs runs worker processes of its own: not under a multi-process launcher")
+    if threads is not None:
+        torch.set_num_threads(threads)
     from talkingmodels.report import write_report
 
     _check_output(out)
@@ -120,15 +131,59 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
                           [label for label, _, _ in exp.methods])
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
-    teacher_test: dict[str, object] = {}  # per setting: the teacher's pooled test states at h
     try:
-        for setting, label, cls, options, seed in grid:
-            _run_one(exp, prepared[setting], label, cls, options, seed, out, bar, tensorboard,
-                     teacher_test)
+        if jobs > 1:
+            outcomes = _in_workers(exp, grid, out, tensorboard, jobs, threads)
+        else:
+            teacher_test: dict[str, object] = {}  # per setting: the teacher's pooled test states
+            outcomes = (_run_one(exp, prepared[s], label, cls, options, seed, out, tensorboard,
+                                 teacher_test, bar) for s, label, cls, options, seed in grid)
+        for outcome in outcomes:  # (in the grid's order, whichever process trained them)
+            bar.update()
+            if distributed.is_main():
+                _write(out, outcome)
     finally:
         bar.close()
     distributed.barrier()
     return write_report(out) if distributed.is_main() else out / "report.md"
+
+
+_WORKER: dict = {}  # a worker process's experiment and prepared settings
+
+
+def _start_worker(config: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(exp=resolve(ExperimentConfig.model_validate(config)), prepared={}, teacher_test={})
+
+
+def _work(setting: str, label: str, seed: int, out: Path, tensorboard: Path | None) -> dict:
+    """One run in a worker process (its settings prepared once per worker, from the caches
+    the main process built)."""
+    exp = _WORKER["exp"]
+    if setting not in _WORKER["prepared"]:
+        prep = exp.task.prepare(setting)
+        if isinstance(prep.splits.train, Split):
+            precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers or ())
+        _WORKER["prepared"][setting] = prep
+    _, cls, options = next(m for m in exp.methods if m[0] == label)
+    return _run_one(exp, _WORKER["prepared"][setting], label, cls, options, seed, out, tensorboard,
+                    _WORKER["teacher_test"])
+
+
+def _in_workers(exp: Experiment, grid: list, out: Path, tensorboard: Path | None, jobs: int,
+                threads: int | None):
+    """The grid's outcomes, in its order, from ``jobs`` worker processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    config = exp.config.model_dump(mode="json", by_alias=True)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(config, threads)) as pool:
+        futures = [pool.submit(_work, s, label, seed, out, tensorboard)
+                   for s, label, _, _, seed in grid]
+        for future in futures:
+            yield future.result()
 
 
 def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:
@@ -162,59 +217,68 @@ def representation(prep: Prepared, student, teacher_test: dict, batch_size: int)
 
 
 def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, seed: int,
-             out: Path, bar, tensorboard: Path | None, teacher_test: dict) -> None:
-    """Train one (setting, method, seed) and append its rows to the runs store."""
+             out: Path, tensorboard: Path | None, teacher_test: dict, bar=None) -> dict:
+    """Train one (setting, method, seed): what the store gets of it (:func:`_write`), as a
+    picklable dict (a worker process hands it to the main one)."""
     task, train = exp.task, exp.train[prep.setting]
     where = f"{prep.setting} {label} seed {seed}"
-    bar.set_postfix_str(where, refresh=False)
+    if bar is not None:
+        bar.set_postfix_str(where, refresh=False)
     key = {"task": task.name, "setting": prep.setting, "method": label, "seed": seed}
+    run_id = store.run_id_of(prep.setting, label, seed)
+    outcome = {"key": key, "run_id": run_id, "where": where}
 
     def row(status: str, **cells) -> dict:  # this run's results row
         return store.result_row(key, task.metric, prep.teacher_metric, cls.name, status,
                                 task.class_names, **cells)
 
     if not supports(cls, prep.output):  # e.g. a class-distribution method on ratings
-        bar.update()
-        if distributed.is_main():
-            store.append_results(out, [row(f"n/a: needs {' or '.join(cls.outputs)} outputs")])
-        return
+        return {**outcome, "row": row(f"n/a: needs {' or '.join(cls.outputs)} outputs")}
     method = build_method(prep, cls, options, seed)
-    run_id = store.run_id_of(prep.setting, label, seed)
     board = TensorBoardLog(tensorboard / run_id if tensorboard and distributed.is_main() else None)
 
-    def on_epoch(row):
-        board.epoch(row)
-        bar.set_postfix_str(f"{where} epoch {row['epoch']} "
-                            f"val {row[f'val_{task.metric.name}']:.4f}", refresh=False)
+    def on_epoch(epoch_row):
+        board.epoch(epoch_row)
+        if bar is not None:
+            bar.set_postfix_str(f"{where} epoch {epoch_row['epoch']} "
+                                f"val {epoch_row[f'val_{task.metric.name}']:.4f}", refresh=False)
 
-    checkpoint = out / "checkpoints" / f"{run_id}.pt"
     try:
         with PeakMemory() as memory:  # this run's own peak, not an earlier run's
-            result = fit(method, prep.splits, task.metric, train, seed, on_epoch, checkpoint,
+            result = fit(method, prep.splits, task.metric, train, seed, on_epoch,
+                         out / "checkpoints" / f"{run_id}.pt",
                          on_step=board.step if board.folder else None,
                          fingerprint=_fingerprint(exp, prep.setting, cls, options), distribute=True)
     except NumericalFault as fault:
         # Recorded as failed (the report shows it); the last good checkpoint stays on disk.
         board.close()
-        bar.update()
-        if not distributed.is_main():
-            return
-        tqdm.write(f"run {prep.setting} {label} seed {seed} failed: {fault}", file=sys.stderr)
-        store.append_results(out, [row(f"failed: {fault}", extra_params=method.extra_parameter_count())])
-        return
+        return {**outcome, "failed": str(fault),
+                "row": row(f"failed: {fault}", extra_params=method.extra_parameter_count())}
     board.close()
-    bar.update()
     if not distributed.is_main():
+        return outcome
+    curves = [{**key, "epoch": r["epoch"], "stage": r["stage"], "name": name, "value": value}
+              for r in result.history for name, value in r.items() if name not in ("epoch", "stage")]
+    return {**outcome, "curves": curves,
+            "student": {k: v.detach().cpu() for k, v in method.student.state_dict().items()},
+            "row": row("ok", value=f"{result.test:.6f}", val_value=f"{result.val:.6f}",
+                       best_epoch=result.best_epoch, epochs=result.epochs,
+                       seconds=f"{result.seconds:.2f}", peak_gib=f"{memory.peak:.3f}",
+                       extra_params=method.extra_parameter_count(),
+                       # (in batches small enough for a large teacher's activations)
+                       **representation(prep, method.student, teacher_test,
+                                        min(train.eval_batch_size, 512)))}
+
+
+def _write(out: Path, outcome: dict) -> None:
+    """Append one run to the store (main process): curves and weights first, its row last."""
+    if "failed" in outcome:
+        tqdm.write(f"run {outcome['where']} failed: {outcome['failed']}", file=sys.stderr)
+    if "row" not in outcome:  # (a process of a launcher that does not write)
         return
-    curve_rows = [{**key, "epoch": row["epoch"], "stage": row["stage"], "name": name, "value": value}
-                  for row in result.history for name, value in row.items()
-                  if name not in ("epoch", "stage")]
-    store.append_curves(out, curve_rows)
-    save_weights(method.student, out / "students" / f"{run_id}.safetensors")
-    store.append_results(out, [row(
-        "ok", value=f"{result.test:.6f}", val_value=f"{result.val:.6f}",
-        best_epoch=result.best_epoch, epochs=result.epochs, seconds=f"{result.seconds:.2f}",
-        peak_gib=f"{memory.peak:.3f}", extra_params=method.extra_parameter_count(),
-        # (in batches small enough for a large teacher's activations)
-        **representation(prep, method.student, teacher_test, min(train.eval_batch_size, 512)))])
-    checkpoint.unlink(missing_ok=True)  # the run is in the store now
+    if "student" in outcome:
+        store.append_curves(out, outcome["curves"])
+        save_state(outcome["student"], out / "students" / f"{outcome['run_id']}.safetensors")
+    store.append_results(out, [outcome["row"]])
+    if "student" in outcome:
+        (out / "checkpoints" / f"{outcome['run_id']}.pt").unlink(missing_ok=True)  # in the store now

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from talkingmodels import cli, runner
@@ -77,7 +78,8 @@ def no_grid(monkeypatch):
     """Replace the grid runner: records its calls and advances a fake clock by 42 s."""
     calls, clock = [], [1000.0]
 
-    def fake_run(exp, out, force=False, progress=True, resume=False, tensorboard=None):
+    def fake_run(exp, out, force=False, progress=True, resume=False, tensorboard=None, jobs=1,
+                 threads=None):
         calls.append(exp)
         clock[0] += 42.0
         return Path(out) / "report.md"
@@ -295,3 +297,27 @@ def test_tensorboard_logs_every_loss_term_per_step_and_epoch(config, tmp_path, c
     assert [e.step for e in events.Scalars("epoch/val_rmse")] == sorted(epochs)
     steps = [e.step for e in events.Scalars("step/loss_task")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) % len(epochs) == 0
+
+
+def test_jobs_write_the_store_a_serial_run_writes(config, tmp_path, capsys):
+    """Independent runs in worker processes: the same rows (values, epochs, CKA), curves and
+    students as one process with the same threads per run, in the grid's order."""
+    from safetensors.torch import load_file
+
+    from talkingmodels.store import read_curves
+
+    config.update(seeds=2, methods=[{"name": "scratch"}, {"name": "td"}, {"name": "fitnet"}])
+    path = write(tmp_path / "c.yaml", config)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert call(capsys, "run", path, "--out", serial, "--threads", "1")[0] == 0
+    assert call(capsys, "run", path, "--out", parallel, "--jobs", "2", "--threads", "1")[0] == 0
+    volatile = {"seconds", "peak_gib"}
+    rows = [[{k: v for k, v in r.items() if k not in volatile} for r in read_rows(out / "results.csv")]
+            for out in (serial, parallel)]
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    assert read_curves(serial).equals(read_curves(parallel))
+    for student in (serial / "students").iterdir():
+        one, two = load_file(student), load_file(parallel / "students" / student.name)
+        assert all(torch.equal(one[k], two[k]) for k in one)
+    code, _, err = call(capsys, "run", path, "--out", tmp_path / "x", "--jobs", "0")
+    assert code == 2 and "--jobs" in err

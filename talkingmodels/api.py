@@ -65,13 +65,12 @@ class Result:
     def save(self, folder: str | Path) -> Path:
         """The student's weights as ``model.safetensors`` and a ``talkingmodels.json``
         (method, options, layers, metrics, library version) in ``folder``."""
-        from safetensors.torch import save_model
-
         from talkingmodels import __version__
+        from talkingmodels.export import save_weights
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self.student, str(folder / WEIGHTS), metadata={"format": "pt"})
+        save_weights(self.student, folder / WEIGHTS)
         meta = {"library": "talkingmodels", "version": __version__, "method": self.method,
                 "options": self.options, "student_layers": self.student_layers,
                 "teacher_layers": self.teacher_layers, "student_class": type(self.student).__name__,
@@ -84,17 +83,16 @@ class Result:
 def load_student(folder: str | Path, model: nn.Module) -> nn.Module:
     """``model`` (the user's student architecture) with the weights :meth:`Result.save`
     wrote to ``folder``, in eval mode."""
-    from safetensors.torch import load_model
+    from talkingmodels.export import load_weights
 
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise UserError(f"no saved student in {folder} (expected {WEIGHTS} from Result.save)")
     try:
-        load_model(model, str(path), strict=True)
+        return load_weights(model, path)
     except RuntimeError as exc:
         raise UserError(f"the student saved in {folder} does not fit {type(model).__name__}: "
                         f"{str(exc).splitlines()[0]}") from None
-    return model.eval()
 
 
 def _method_class(method):

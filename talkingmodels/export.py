@@ -34,18 +34,6 @@ def save_weights(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def save_state(state: dict[str, torch.Tensor], path: Path) -> Path:
-    """A state dict as safetensors, written atomically (each tensor stored on its own)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return path
-
-
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_model
 

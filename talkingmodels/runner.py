@@ -37,7 +37,7 @@ from talkingmodels.engine import (
     seed_everything,
 )
 from talkingmodels.errors import UserError
-from talkingmodels.export import save_state
+from talkingmodels.export import save_weights
 from talkingmodels.methods import supports
 from talkingmodels.probes import PeakMemory, TensorBoardLog
 from talkingmodels.states import ModelPair
@@ -57,6 +57,15 @@ def build_method(prepared: Prepared, cls: type, options, seed: int):
     place(method, device)
     method.setup(first_batch(as_loader(prepared.splits.train, 4, shuffle=False), 4).to(device))
     return method
+
+
+def _prepare(exp: Experiment, setting: str) -> Prepared:
+    """A setting of the experiment's task, the frozen teacher's states cached on its
+    in-memory training split (a task's own loaders run the teacher online)."""
+    prep = exp.task.prepare(setting)
+    if isinstance(prep.splits.train, Split):
+        precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers or ())
+    return prep
 
 
 def _check_output(out: Path) -> None:
@@ -115,9 +124,7 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     prepared: dict[str, Prepared] = {}
     with distributed.main_first():
         for setting in dict.fromkeys(s for s, *_ in grid):
-            prepared[setting] = prep = task.prepare(setting)
-            if isinstance(prep.splits.train, Split):  # (a task's own loaders run the teacher online)
-                precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers or ())
+            prepared[setting] = prep = _prepare(exp, setting)
             for _, cls, options in exp.methods:
                 if supports(cls, prep.output):  # (the others get an n/a row, not a run)
                     build_method(prep, cls, options, seed=0)
@@ -161,10 +168,7 @@ def _work(setting: str, label: str, seed: int, out: Path, tensorboard: Path | No
     the main process built)."""
     exp = _WORKER["exp"]
     if setting not in _WORKER["prepared"]:
-        prep = exp.task.prepare(setting)
-        if isinstance(prep.splits.train, Split):
-            precompute_teacher(prep.teacher, prep.splits.train, prep.teacher_layers or ())
-        _WORKER["prepared"][setting] = prep
+        _WORKER["prepared"][setting] = _prepare(exp, setting)
     _, cls, options = next(m for m in exp.methods if m[0] == label)
     return _run_one(exp, _WORKER["prepared"][setting], label, cls, options, seed, out, tensorboard,
                     _WORKER["teacher_test"])
@@ -259,8 +263,10 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         return outcome
     curves = [{**key, "epoch": r["epoch"], "stage": r["stage"], "name": name, "value": value}
               for r in result.history for name, value in r.items() if name not in ("epoch", "stage")]
+    # The weights are a file of their own (written atomically, before the run's row); the
+    # rows go to the main process, which alone appends to the store's shared files.
+    save_weights(method.student, out / "students" / f"{run_id}.safetensors")
     return {**outcome, "curves": curves,
-            "student": {k: v.detach().cpu() for k, v in method.student.state_dict().items()},
             "row": row("ok", value=f"{result.test:.6f}", val_value=f"{result.val:.6f}",
                        best_epoch=result.best_epoch, epochs=result.epochs,
                        seconds=f"{result.seconds:.2f}", peak_gib=f"{memory.peak:.3f}",
@@ -271,14 +277,13 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
 
 
 def _write(out: Path, outcome: dict) -> None:
-    """Append one run to the store (main process): curves and weights first, its row last."""
+    """Append one run to the store (main process): its curves first, its row last."""
     if "failed" in outcome:
         tqdm.write(f"run {outcome['where']} failed: {outcome['failed']}", file=sys.stderr)
     if "row" not in outcome:  # (a process of a launcher that does not write)
         return
-    if "student" in outcome:
+    if "curves" in outcome:
         store.append_curves(out, outcome["curves"])
-        save_state(outcome["student"], out / "students" / f"{outcome['run_id']}.safetensors")
     store.append_results(out, [outcome["row"]])
-    if "student" in outcome:
+    if "curves" in outcome:
         (out / "checkpoints" / f"{outcome['run_id']}.pt").unlink(missing_ok=True)  # in the store now

@@ -89,11 +89,14 @@ class Batch:
     def shard(self, index: int, count: int) -> Batch:
         """Every ``count``-th example from the ``index``-th on: process ``index``'s part of
         a global batch (see :meth:`Split.batches`)."""
-        if count == 1:
-            return self
+        return self if count == 1 else self.rows(slice(index, None, count))
+
+    def rows(self, index: torch.Tensor | slice) -> Batch:
+        """The examples ``index`` (a slice or an index tensor) of the batch, every per-example
+        tensor (inputs, target, cached teacher rows, lengths) cut alike."""
 
         def take(x):
-            return x[index::count] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+            return x[index] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
 
         return replace(
             self, student_inputs=tuple(take(x) for x in self.student_inputs),

@@ -341,3 +341,74 @@ def test_td_interpretation_of_its_own_state_is_its_own_state(dense, batch):
     bias_state = method.teacher_side.decoder(torch.zeros(1, method.config.message_dim), "l")
     expected = taps.run_between(method.teacher, t_low, t_high, bias_state.expand_as(own[t_low]))
     assert torch.allclose(heard, expected, atol=1e-6)
+
+
+# ------------------------------------------------------- td: a cheaper interaction
+def test_td_interact_fraction_is_the_exchange_on_evenly_spread_rows(dense, batch):
+    """interact_fraction: L_interact is the full exchange on the chosen rows only (every other
+    term still on the whole batch), and the rows spread over the batch."""
+    part = build(dense, "td", interact_fraction=0.25)
+    whole = build(dense, "td")  # same seed: same channel
+    rows = part._interaction_rows(len(batch))
+    assert rows.tolist() == list(range(0, 64, 4))
+    part.train(), whole.train()
+    terms = part.forward_train(batch)[1]
+    on_rows = whole.forward_train(batch.rows(rows))[1]
+    full = whole.forward_train(batch)[1]
+    terms, on_rows, full = ({k: float(v.detach()) for k, v in t.items()} for t in (terms, on_rows, full))
+    assert terms["interact"] == pytest.approx(on_rows["interact"], rel=1e-6)
+    assert terms["interact"] != pytest.approx(full["interact"], rel=1e-3)
+    for term in ("task", "kd", "mc", "sc"):
+        assert terms[term] == full[term]
+    assert build(dense, "td", interact_fraction=0.999)._interaction_rows(64) is None
+
+
+def test_td_interact_every_skips_steps_and_resumes_its_cadence(dense, batch):
+    method = build(dense, "td", interact_every=3)
+    method.train()
+    seen = ["interact" in method.forward_train(batch)[1] for _ in range(4)]
+    assert seen == [True, False, False, True]
+    # the step count is part of the method's state: a resumed run keeps the cadence
+    resumed = build(dense, "td", interact_every=3)
+    resumed.train()
+    resumed.load_state_dict(method.state_dict())
+    assert ["interact" in resumed.forward_train(batch)[1] for _ in range(3)] == [False, False, True]
+    # evaluation never counts as a step
+    method.eval()
+    method.forward_train(batch)
+    assert int(method.steps_trained) == 4
+    assert "steps_trained" not in dict(build(dense, "td").named_buffers())
+
+
+def test_td_interact_precision_bf16_runs_only_the_teachers_segment_in_bf16(dense, batch):
+    dtypes = {}
+
+    def record(name):
+        def hook(_module, _inputs, output):
+            dtypes.setdefault(name, set()).add(output.dtype)
+        return hook
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        dtypes.clear()
+        method = build(dense, "td", interact_precision=precision)
+        method.train()
+        handles = [m.register_forward_hook(record(n)) for n, m in method.teacher.named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+        handles += [m.register_forward_hook(record("student." + n))
+                    for n, m in method.student.named_modules() if isinstance(m, torch.nn.Linear)]
+        terms = method.forward_train(batch)[1]
+        for handle in handles:
+            handle.remove()
+        results[precision] = {k: float(v.detach()) for k, v in terms.items()}
+        teacher = set().union(*(v for k, v in dtypes.items() if not k.startswith("student.")))
+        student = set().union(*(v for k, v in dtypes.items() if k.startswith("student.")))
+        assert student == {torch.float32}
+        # (the teacher's own forward pass, when not cached, stays in float32)
+        assert (torch.bfloat16 in teacher) == (precision == "bf16")
+        assert terms["interact"].dtype == torch.float32
+    fp32, bf16 = results["fp32"], results["bf16"]
+    assert bf16["interact"] == pytest.approx(fp32["interact"], rel=2e-2)
+    assert bf16["interact"] != fp32["interact"]
+    for term in ("task", "kd", "mc", "sc"):
+        assert bf16[term] == fp32[term]

@@ -13,6 +13,7 @@ Objective: ``L_task + w0 L_kd + w1 L_interact + w2 L_MC + w3 L_SC`` plus two opt
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -65,6 +66,18 @@ class TDConfig(LogitKDConfig, ChannelConfig):
     answer_fit: float = Field(
         0.0, ge=0, description="(ours) weight of the task loss of the teacher's head on t'_h: "
         "the student must ask questions from which the teacher can answer the task")
+    # Cheaper interaction (ours; off by default): the interpretation step, the teacher's
+    # layers l -> h run forward and backward, is most of TD's cost. Measured in
+    # benchmarks/README.md ("A cheaper interpretation step").
+    interact_fraction: float = Field(
+        1.0, gt=0, le=1, description="(ours) share of each batch that interacts: the exchange "
+        "runs on ceil(f * batch) examples spread evenly over the batch")
+    interact_every: int = Field(
+        1, ge=1, description="(ours) interact on every k-th training step only; the other steps "
+        "train on the remaining terms")
+    interact_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="(ours) bf16: the teacher's layers l -> h run under bfloat16 "
+        "autocast in the interaction (the rest of the step keeps its precision)")
 
 
 class Consistency:
@@ -108,13 +121,35 @@ class TalkingDistillation(Consistency, LogitKD):
 
     Config = TDConfig
 
+    def build(self, batch: Batch) -> None:
+        super().build(batch)
+        if self.config.interact_every > 1:
+            # counts training steps; a buffer, so that a checkpoint resumes the cadence
+            self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
+
+    def _interacts_now(self) -> bool:
+        """Whether this training step runs the interaction (``interact_every``)."""
+        if self.config.interact_every == 1:
+            return True
+        step = int(self.steps_trained)
+        self.steps_trained += 1
+        return step % self.config.interact_every == 0
+
+    def _interaction_rows(self, size: int) -> torch.Tensor | None:
+        """The examples that interact (``interact_fraction``), spread evenly over the batch
+        (a text batch is sorted by length: its first rows would be its longest); None: all."""
+        count = math.ceil(self.config.interact_fraction * size)
+        return None if count >= size else torch.arange(count) * size // count
+
     def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
         t_low, t_high = self.pair.teacher_layers
         heard = self.teacher_side.decoder(to_grid(question, t_l), "l")
         if self.config.listen == "add":
             heard = t_l + heard
-        return self.teacher_between(t_low, t_high, heard, batch)
+        with torch.autocast(heard.device.type, torch.bfloat16,
+                            enabled=self.config.interact_precision == "bf16"):
+            return self.teacher_between(t_low, t_high, heard, batch)
 
     def forward_train(self, batch: Batch):
         cfg = self.config
@@ -123,40 +158,52 @@ class TalkingDistillation(Consistency, LogitKD):
         prediction, states = self.student_states(batch, (s_low, s_high))
         s_l, s_h = states[s_low], states[s_high]
         teacher = self.teacher_states(batch, (t_low, t_high))
-        E_S, D_S = self.student_side.encoder, self.student_side.decoder
-        E_T = self.teacher_side.encoder
 
         terms = {"task": self.pair.task_loss(prediction, batch.target)}
         if cfg.weight > 0:
             terms["kd"] = self.logit_term(prediction, teacher["output"])
 
-        if cfg.rounds > 0:
-            asked = s_l.detach() if "question" in cfg.stop_gradient else s_l
-            interact, s_high_answer = 0.0, None
-            for r in range(cfg.rounds):
-                # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
-                question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
-                t_high_answer = self.interpret(question, teacher[t_low], batch)
-                s_high_answer = D_S(to_grid(E_T(t_high_answer, "h"), s_h), "h")
-                target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
-                answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
-                interact = interact + self.distance(answer, target)
-            terms["interact"] = cfg.w1 * interact / cfg.rounds
-            if cfg.answer_kd > 0 or cfg.answer_fit > 0:
-                # The teacher's own head reads its interpretation: an answer in output space.
-                answer_output = self.teacher_between(t_high, None, t_high_answer, batch)
-                if cfg.answer_kd > 0:
-                    terms["answer_kd"] = cfg.answer_kd * output_kd(
-                        prediction, answer_output.detach(), self.pair.output, cfg.temperature)
-                if cfg.answer_fit > 0:
-                    terms["answer_fit"] = cfg.answer_fit * self.pair.task_loss(
-                        answer_output, batch.target)
-            if cfg.answer_task > 0:
-                # The student's own head must solve the task from the answer it was given.
-                answer_prediction = taps.run_between(self.student, s_high, None, s_high_answer,
-                                                     *batch.student_inputs, **batch.student_kwargs)
-                terms["answer_task"] = cfg.answer_task * self.pair.task_loss(
-                    answer_prediction, batch.target)
-
+        if cfg.rounds > 0 and (not self.training or self._interacts_now()):
+            terms.update(self.interaction_terms(prediction, s_l, s_h, teacher[t_low], batch))
         terms.update(self.consistency_terms(s_l, s_h, teacher[t_low], teacher[t_high]))
         return prediction, terms
+
+    def interaction_terms(self, prediction: torch.Tensor, s_l: torch.Tensor, s_h: torch.Tensor,
+                          t_l: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """The weighted L_interact ("interact") and the answer terms that are switched on."""
+        cfg, terms = self.config, {}
+        s_high, t_high = self.pair.student_layers[1], self.pair.teacher_layers[1]
+        E_S, D_S = self.student_side.encoder, self.student_side.decoder
+        E_T = self.teacher_side.encoder
+        rows = self._interaction_rows(len(batch))
+        if rows is not None:  # the interacting examples only
+            rows = rows.to(s_l.device)
+            prediction, s_l, s_h, t_l = prediction[rows], s_l[rows], s_h[rows], t_l[rows]
+            batch = batch.rows(rows)
+        asked = s_l.detach() if "question" in cfg.stop_gradient else s_l
+        interact, s_high_answer = 0.0, None
+        for r in range(cfg.rounds):
+            # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
+            question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
+            t_high_answer = self.interpret(question, t_l, batch)
+            s_high_answer = D_S(to_grid(E_T(t_high_answer, "h"), s_h), "h")
+            target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
+            answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
+            interact = interact + self.distance(answer, target)
+        terms["interact"] = cfg.w1 * interact / cfg.rounds
+        if cfg.answer_kd > 0 or cfg.answer_fit > 0:
+            # The teacher's own head reads its interpretation: an answer in output space.
+            answer_output = self.teacher_between(t_high, None, t_high_answer, batch)
+            if cfg.answer_kd > 0:
+                terms["answer_kd"] = cfg.answer_kd * output_kd(
+                    prediction, answer_output.detach(), self.pair.output, cfg.temperature)
+            if cfg.answer_fit > 0:
+                terms["answer_fit"] = cfg.answer_fit * self.pair.task_loss(
+                    answer_output, batch.target)
+        if cfg.answer_task > 0:
+            # The student's own head must solve the task from the answer it was given.
+            answer_prediction = taps.run_between(self.student, s_high, None, s_high_answer,
+                                                 *batch.student_inputs, **batch.student_kwargs)
+            terms["answer_task"] = cfg.answer_task * self.pair.task_loss(
+                answer_prediction, batch.target)
+        return terms

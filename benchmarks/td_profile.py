@@ -13,7 +13,13 @@ one process: the median of ``steps`` timed steps (after warm-up) of
   answer);
 - the interpretation step alone: the teacher's layers ``l+1..h`` (``taps.run_between``) run
   forward on a batch-shaped state and backward to that state, as TD's gradient needs it;
-- the teacher's forward over those layers without autograd (what no gradient would cost).
+- the teacher's forward over those layers without autograd (what no gradient would cost);
+- TD with each of its cheaper-interaction options (``VARIANTS``: half of each batch
+  interacts, every second step interacts, the teacher's segment under bf16 autocast); the
+  share of the interaction round's cost each keeps is ``(variant - rounds 0) / (td - rounds 0)``.
+
+Times are the median over blocks of two consecutive steps of the block's mean step (so that
+``interact_every: 2``, which interacts on every other step, is timed at its average cost).
 
 TD's **floor** is what it cannot avoid: its step without the interaction (``rounds: 0``)
 plus the interpretation step alone (forward and backward); ``td / floor`` is the overhead
@@ -32,15 +38,22 @@ import time
 
 import torch
 
+# label -> TD's options: the cheaper interactions of issue "A cheaper interpretation step"
+VARIANTS = {"td, interact_fraction 0.5": {"interact_fraction": 0.5},
+            "td, interact_every 2": {"interact_every": 2},
+            "td, interact_precision bf16": {"interact_precision": "bf16"}}
 
-def median_ms(fn, steps: int, warmup: int = 5) -> float:
+
+def median_ms(fn, steps: int, warmup: int = 5, block: int = 2) -> float:
+    """Median over blocks of ``block`` consecutive calls of the block's mean, in ms."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(steps):
+    for _ in range(max(1, steps // block)):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(block):
+            fn()
+        times.append((time.perf_counter() - start) / block)
     return 1000 * statistics.median(times)
 
 
@@ -54,7 +67,9 @@ def profile_task(name: str, args) -> dict:
     exp = resolve(validate(ExperimentConfig, {
         "task": name, "task_options": options, "seeds": 1,
         "methods": [{"name": "logit-kd"}, {"name": "td"},
-                    {"name": "td", "label": "td, rounds 0", "rounds": 0}]}, "td_profile"))
+                    {"name": "td", "label": "td, rounds 0", "rounds": 0},
+                    *({"name": "td", "label": label, **options} for label, options in VARIANTS.items())]},
+        "td_profile"))
     setting = exp.settings[0]
     prepared = exp.task.prepare(setting)
     # as the bench does: the frozen teacher's states and outputs computed once
@@ -94,6 +109,8 @@ def profile_task(name: str, args) -> dict:
     row["interpretation (forward only)"] = median_ms(lambda: interpret(False), args.steps)
     row["interaction"] = row["td"] - row["td, rounds 0"]
     row["floor"] = row["td, rounds 0"] + row["interpretation"]
+    for label in VARIANTS:
+        row[f"{label} share"] = (row[label] - row["td, rounds 0"]) / row["interaction"]
     return row
 
 
@@ -122,6 +139,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['td']:.2f} | {r['floor']:.2f} | {r['td'] / r['floor']:.2f} |")
+    print("\n| task | td step (ms) | " + " | ".join(f"{v} (ms, share of the interaction kept)"
+                                                for v in VARIANTS) + " |")
+    print("|---|---|" + "---|" * len(VARIANTS))
+    for r in rows:
+        print(f"| {r['task']} | {r['td']:.2f} | " + " | ".join(
+            f"{r[v]:.2f} ({100 * r[f'{v} share']:.0f}%)" for v in VARIANTS) + " |")
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.writer(handle)

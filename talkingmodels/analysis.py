@@ -157,7 +157,7 @@ def paired_comparison(a, b, higher_is_better: bool, alpha: float = 0.05) -> dict
 
     * ``n``: number of paired seeds; ``seeds``: them, sorted;
     * ``mean_diff``, ``std_diff`` (ddof=1): of the oriented differences;
-    * ``wins``: seeds on which ``a`` is strictly better (ties count for neither);
+    * ``wins``: seeds on which ``a`` is strictly better; ``ties``: seeds of equal values;
     * ``p_ttest``: two-sided paired t-test (``scipy.stats.ttest_rel``);
     * ``p_wilcoxon``: two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, default
       ``method="auto"``): the exact null distribution when there are no zero or tied
@@ -190,7 +190,8 @@ def paired_comparison(a, b, higher_is_better: bool, alpha: float = 0.05) -> dict
     diff = (va - vb) if higher_is_better else (vb - va)
     n = len(diff)
     result = {"n": n, "seeds": seeds, "mean_diff": float(diff.mean()) if n else math.nan,
-              "std_diff": math.nan, "wins": int((diff > 0).sum()), "p_ttest": math.nan,
+              "std_diff": math.nan, "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
+              "p_ttest": math.nan,
               "p_wilcoxon": math.nan, "ci_low": math.nan, "ci_high": math.nan,
               "significant": False, "alpha": alpha}
     if n < 2:
@@ -212,6 +213,31 @@ def paired_comparison(a, b, higher_is_better: bool, alpha: float = 0.05) -> dict
     result.update(p_ttest=p_ttest, ci_low=mean - half, ci_high=mean + half,
                   significant=bool(p_ttest < alpha))
     return result
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error
+    rate): the k-th smallest of m is multiplied by m - k + 1, then each adjusted value is
+    raised to the largest before it in that order (monotone), and capped at 1. NaN values
+    (comparisons that could not be tested) are left NaN and do not count in m."""
+    values = [float(p) for p in pvalues]
+    tested = sorted((p, i) for i, p in enumerate(values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(values), 0.0
+    for k, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - k) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def compare_family(a, others: Mapping, higher_is_better: bool, alpha: float = 0.05) -> dict[str, dict]:
+    """:func:`paired_comparison` of ``a`` against each of ``others`` (name -> values), as one
+    family: each result gains ``p_holm`` (Holm-adjusted paired-t p over the family) and its
+    ``significant`` is ``p_holm < alpha``."""
+    results = {name: paired_comparison(a, b, higher_is_better, alpha) for name, b in others.items()}
+    for result, adjusted in zip(results.values(), holm([r["p_ttest"] for r in results.values()]),
+                                strict=True):
+        result.update(p_holm=adjusted, significant=bool(adjusted < alpha))
+    return results
 
 
 def cka_heatmap(table: pd.DataFrame, path, title: str = "linear CKA") -> Path:

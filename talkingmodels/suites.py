@@ -3,7 +3,9 @@
 * ``core``: the paper's baselines and TD (each task's ``default_methods``);
 * ``full``: ``core`` plus the modern baselines and the parameter-matched control;
 * ``ablations``: TD's ablations around its defaults, with scratch and the default TD as
-  references, on each task's ``ablation_settings``.
+  references, on each task's ``ablation_settings``;
+* ``efficiency``: TD's cheaper-interaction options against the default TD and TD without
+  interaction, on the same settings.
 
 Every suite is also an ordinary experiment config: ``experiment_config(task, suite)``
 builds it, and ``configs/ablations-TASK.yaml`` hold the ablations (a test checks that
@@ -41,6 +43,21 @@ ABLATIONS: dict[str, dict] = {
     **_weights(),
 }
 
+# TD's cheaper interactions (options of td, off by default) against the default TD and
+# TD without interaction: what each saves (benchmarks/td_profile.py) and what it costs in
+# quality, on every ablated setting.
+EFFICIENCY: dict[str, dict] = {
+    "td": {"name": "td"},
+    "td-rounds-0": ABLATIONS["td-rounds-0"],
+    "td-fraction-0.5": {"name": "td", "interact_fraction": 0.5},
+    "td-every-2": {"name": "td", "interact_every": 2},
+    "td-bf16": {"name": "td", "interact_precision": "bf16"},
+}
+
+# Every labelled variant of TD (the report's ablation tables compare them with TD).
+VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY}
+
+
 def _named(labels) -> dict[str, dict]:
     """Entries for method labels (``name`` or ``name:variant``) with their default options."""
     return {label: {"name": label.split(":")[0]} for label in labels}
@@ -51,6 +68,7 @@ SUITES: dict[str, tuple] = {
     "core": (lambda task: _named(task.default_methods), False),
     "full": (lambda task: _named((*task.default_methods, *MODERN)), False),
     "ablations": (lambda task: ABLATIONS, True),
+    "efficiency": (lambda task: EFFICIENCY, True),
 }
 
 

@@ -249,3 +249,32 @@ def test_cka_heatmap_writes_png(tmp_path):
     assert path == tmp_path / "plots" / "cka.png"
     data = path.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_holm_by_hand():
+    """p = 0.01, 0.04, 0.03, 0.005 (m = 4): sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03,
+    0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> raised to the running maximum 0.06."""
+    from talkingmodels.analysis import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    adjusted = holm([0.02, float("nan"), 0.01])  # NaN: untested, not counted in m
+    assert math.isnan(adjusted[1])
+    assert adjusted[0] == pytest.approx(0.02) and adjusted[2] == pytest.approx(0.02)
+    assert holm([]) == []
+
+
+def test_compare_family_verdicts_use_the_adjusted_p():
+    """Two comparisons significant alone (p 0.013 and 0.035) are a family of three
+    with a null third: Holm keeps only the first (3 x 0.013 = 0.039), not the second."""
+    from talkingmodels.analysis import compare_family
+
+    a = {0: 0.80, 1: 0.90, 2: 1.00}
+    others = {"x": {0: 0.90, 1: 1.02, 2: 1.08}, "y": {0: 0.86, 1: 0.98, 2: 1.04},
+              "z": {0: 0.70, 1: 1.00, 2: 1.00}}
+    family = compare_family(a, others, higher_is_better=False)
+    raw = {k: paired_comparison(a, v, False)["p_ttest"] for k, v in others.items()}
+    assert raw["x"] < 0.05 and raw["y"] < 0.05
+    assert family["x"]["p_holm"] == pytest.approx(3 * raw["x"])
+    assert family["x"]["significant"] and not family["y"]["significant"]
+    assert family["y"]["p_holm"] == pytest.approx(max(2 * raw["y"], 3 * raw["x"]))

@@ -153,7 +153,9 @@ def test_versus_table_by_hand():
     better. Against b: differences -0.10, +0.10, 0.0 -> mean 0, p = 1: n.s. Against c:
     -0.10, -0.10, -0.08 -> t = -0.0933 / (0.01155 / sqrt 3) = -14.0, p = 1 - 14 / sqrt(14^2 + 2)
     = 0.0051: worse. On sparse only
-    dkd: differences 0.10, 0.15 -> t = 0.125 / (0.03536 / sqrt 2) = 5.0, 1 df, p = 0.1257."""
+    dkd: differences 0.10, 0.15 -> t = 0.125 / (0.03536 / sqrt 2) = 5.0, 1 df, p = 0.1257.
+    Holm over dense's family of three: c 3 x 0.0051 = 0.0153, a max(2 x 0.01307, 0.0153) =
+    0.0261, b 1; sparse's family is dkd alone."""
     from talkingmodels.report import versus_table
 
     results = pd.DataFrame(rows("td", [0.80, 0.90, 1.00]) + rows("a", [0.90, 1.02, 1.08])
@@ -163,9 +165,9 @@ def test_versus_table_by_hand():
     summary = summarise(results)
     lines = versus_table(results, summary).splitlines()
     assert lines[0] == "| td against | movielens / dense | movielens / sparse | td better / worse |"
-    assert lines[2:] == ["| a | better (p 0.013) | n/a | 1 / 0 |",
+    assert lines[2:] == ["| a | better (p 0.026) | n/a | 1 / 0 |",
                          "| b | n.s. (p 1.000) | n/a | 0 / 0 |",
-                         "| c | worse (p 0.005) | n/a | 0 / 1 |",
+                         "| c | worse (p 0.015) | n/a | 0 / 1 |",
                          "| dkd | n/a | n.s. (p 0.126) | 0 / 0 |"]
 
 
@@ -196,3 +198,21 @@ def test_the_method_under_study_and_the_reference_are_parameters(tmp_path):
     assert "| fitnet against | mean difference (fitnet better if > 0)" in text
     # gains are now over td (mean 0.9333): fitnet's 0.95 is 1.79% worse
     assert "| fitnet | 0.9500 ± 0.0100 | -1.79% |" in text
+
+
+def test_ablation_table_holm_over_the_variants_by_hand():
+    """RMSE. td against its variants (the values of test_versus_table_by_hand): rounds-0
+    raw p 0.0131, no-mc 0.0351 (differences 0.06, 0.08, 0.04: t = 5.196), no-kd 1.0.
+    Holm over the three variants (scratch, the reference, is not one of them): rounds-0
+    3 x 0.0131 = 0.039 (significant), no-mc 2 x 0.0351 = 0.070 (not), no-kd 1."""
+    from talkingmodels.report import ablation_table
+
+    results = pd.DataFrame(rows("scratch", [1.0, 1.1, 1.2]) + rows("td", [0.80, 0.90, 1.00])
+                           + rows("td-rounds-0", [0.90, 1.02, 1.08]) + rows("td-no-mc", [0.86, 0.98, 1.04])
+                           + rows("td-no-kd", [0.70, 1.00, 1.00]))
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in
+             ablation_table(summarise(results), results).splitlines()[2:]}
+    assert lines["scratch"][4:8] == ["-", "-", "-", "-"]
+    assert lines["td-rounds-0"][4:8] == ["-0.1000", "0.013", "0.039*", "0/3"]
+    assert lines["td-no-mc"][4:8] == ["-0.0600", "0.035", "0.070", "0/3"]
+    assert lines["td-no-kd"][4:8] == ["+0.0000", "1.000", "1.000", "1/3"]

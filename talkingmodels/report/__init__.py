@@ -62,13 +62,15 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
                   gains_table(methods), ""]
         if study.focus in set(methods.method):
             lines += [f"## {study.name} against every method, every setting", "",
-                      "Paired by seed; better or worse where the paired t-test says so at 5%, else "
-                      "n.s. (not significant); each setting's full table is under it.", "",
+                      "Paired by seed; better or worse where the paired t-test says so at 5% after "
+                      "Holm's adjustment over the setting's comparisons (the p shown is the adjusted "
+                      "one), else n.s. (not significant); each setting's full table is under it.", "",
                       versus_table(compared(results, study), methods, study), ""]
     if ablations := ablation_overview(summary, study):
         lines += [f"## Ablations of {study.name}, every ablated setting", "",
                   f"Each variant's mean test metric against the default {study.name}'s, in percent "
-                  "(positive = the variant is better); details and paired tests under each setting.", "",
+                  "(positive = the variant is better); details and paired tests (Holm-adjusted over "
+                  "each setting's variants) under each setting.", "",
                   ablations, ""]
     for task, group in methods.groupby("task", sort=False):
         if group.setting.nunique() > 1:

@@ -54,8 +54,9 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
         if study.focus in set(methods.method):
-            lines += [f"{study.name} against every method, paired by seed (paired t-test at 5%; n.s.: not "
-                      "significant):", "", versus_table(compared(results, study), methods, study), ""]
+            lines += [f"{study.name} against every method, paired by seed (paired t-test at 5%, Holm-"
+                      "adjusted over each setting's comparisons; the p shown is the adjusted one; n.s.: "
+                      "not significant):", "", versus_table(compared(results, study), methods, study), ""]
     if ablations := ablation_overview(summary, study):
         lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]

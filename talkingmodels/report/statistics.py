@@ -97,9 +97,9 @@ def _rank(order: list[str]):
 def _variants(study: Study = STUDY) -> list[str]:
     """The labels of the focus's ablation variants (the ablation suite but the reference and
     the focus itself)."""
-    from talkingmodels.suites import ABLATIONS
+    from talkingmodels.suites import VARIANTS
 
-    return [label for label in ABLATIONS if label not in (study.reference, study.focus)]
+    return [label for label in VARIANTS if label not in (study.reference, study.focus)]
 
 
 def without_variants(frame: pd.DataFrame, study: Study = STUDY) -> pd.DataFrame:

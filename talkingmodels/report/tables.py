@@ -79,38 +79,50 @@ def overview_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
 
 
 def _change(label: str) -> str:
-    from talkingmodels.suites import ABLATIONS
+    from talkingmodels.suites import VARIANTS
 
-    return ", ".join(f"{k} {v}" for k, v in ABLATIONS[label].items() if k != "name")
+    return ", ".join(f"{k} {v}" for k, v in VARIANTS[label].items() if k != "name")
 
 
 def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
     """The focus's ablation variants of one setting against its default, paired by seed:
     what each changes, its test metric, gain over the reference, difference from the focus
-    (positive = the variant is better) with the paired t-test, and CKA with the teacher."""
-    from talkingmodels.analysis import paired_comparison
+    (positive = the variant is better) with the paired t-test's p, raw and Holm-adjusted over
+    the table's variants (one family), and CKA with the teacher."""
+    from talkingmodels.analysis import compare_family
 
-    higher = _higher(summary)
     table = _values(results)
     metric = summary.metric.iloc[0]
     focus, reference = study.focus, study.reference
+    labels = [label for label in [reference, focus, *_variants(study)]
+              if not summary[summary.method == label].empty
+              and not _na(summary[summary.method == label].iloc[0])]
+    # one family: the variants (the reference's comparison with the focus is the methods')
+    tested = [label for label in labels if label not in (focus, reference) and focus in table
+              and label in table]
+    family = (compare_family(table[focus], {label: table[label] for label in tested}, _higher(summary))
+              if tested else {})
     lines = [f"| variant | change from {focus} | test {metric} | gain vs {reference} | vs {focus} | "
-             f"p (paired t) | better than {focus} on | CKA at h |", "|---|---|---|---|---|---|---|---|"]
-    for label in [reference, focus, *_variants(study)]:
-        row = summary[summary.method == label]
-        if row.empty or _na(row.iloc[0]):
-            continue
-        r = row.iloc[0]
+             f"p (paired t) | p (Holm) | better than {focus} on | CKA at h |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        r = summary[summary.method == label].iloc[0]
         gain, cka = _gain_text(r), _cka_text(r)
-        if label == focus or focus not in table or label not in table:
-            versus = ["-", "-", "-"]
+        if label in family:
+            c = family[label]  # oriented for the focus: the variant's difference is its negative
+            versus = [f"{-c['mean_diff']:+.4f}", f"{c['p_ttest']:.3f}", _p_text(c),
+                      f"{c['n'] - c['wins'] - c['ties']}/{c['n']}"]
         else:
-            c = paired_comparison(table[label], table[focus], higher)
-            versus = [f"{c['mean_diff']:+.4f}", f"{c['p_ttest']:.3f}", f"{c['wins']}/{c['n']}"]
+            versus = ["-", "-", "-", "-"]
         change = "(reference)" if label in (reference, focus) else _change(label)
         lines.append(f"| {label} | {change} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | "
                      + " | ".join(versus) + f" | {cka} |")
     return "\n".join(lines)
+
+
+def _p_text(c: dict) -> str:
+    """The Holm-adjusted p, starred where significant at 5%."""
+    return "n/a" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3f}" + ("*" if c["significant"] else "")
 
 
 def ablation_overview(summary: pd.DataFrame, study: Study = STUDY) -> str:
@@ -138,77 +150,80 @@ def ablation_overview(summary: pd.DataFrame, study: Study = STUDY) -> str:
     return "\n".join(lines)
 
 
+def _setting_family(results: pd.DataFrame, study: Study = STUDY) -> dict[str, dict]:
+    """The focus against every other method of one setting, paired by seed: one family of
+    comparisons, Holm-adjusted (:func:`~talkingmodels.analysis.compare_family`)."""
+    from talkingmodels.analysis import compare_family
+
+    table = _values(results)
+    if study.focus not in table:
+        return {}
+    others = {other: table[other] for other in table.columns if other != study.focus}
+    return compare_family(table[study.focus], others, _higher(results))
+
+
 def paired_table(results: pd.DataFrame, study: Study = STUDY) -> str:
     """The focus against every other method of one setting, paired by seed (same split,
     same student initialisation): mean difference with its 95% interval, the paired t-test
-    and the exact Wilcoxon signed-rank p-values, and the seeds on which ``focus`` wins."""
-    from talkingmodels.analysis import paired_comparison
-
+    p raw and Holm-adjusted over the table (one family), the exact Wilcoxon signed-rank p,
+    the seeds on which ``focus`` wins, and the verdict at 5% on the adjusted p."""
     focus = study.focus
-
-    higher = _higher(results)
-    table = _values(results)
-    if focus not in table:
+    family = _setting_family(results, study)
+    if not family:
         return ""
     lines = [f"| {focus} against | mean difference ({focus} better if > 0) | 95% interval | "
-             f"p (paired t) | p (Wilcoxon) | {focus} better on | at 5% |",
-             "|---|---|---|---|---|---|---|"]
-    for other in table.columns:
-        if other == focus:
-            continue
-        c = paired_comparison(table[focus], table[other], higher)
+             f"p (paired t) | p (Holm) | p (Wilcoxon) | {focus} better on | at 5% (Holm) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for other, c in family.items():
         verdict = "significant" if c["significant"] else "not significant"
         lines.append(f"| {other} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | "
-                     f"{c['p_ttest']:.3f} | {c['p_wilcoxon']:.3f} | {c['wins']}/{c['n']} | {verdict} |")
+                     f"{c['p_ttest']:.3f} | {_p_text(c)} | {c['p_wilcoxon']:.3f} | {c['wins']}/{c['n']} | "
+                     f"{verdict} |")
     return "\n".join(lines)
 
 
 def significance_line(results: pd.DataFrame, summary: pd.DataFrame, study: Study = STUDY) -> str:
-    """One plain sentence: the focus against the best other method of the setting."""
-    from talkingmodels.analysis import paired_comparison
-
+    """One plain sentence: the focus against the best other method of the setting (its p
+    Holm-adjusted over the setting's comparisons of the focus with every other method)."""
     focus = study.focus
-
     other = best_other(summary, study)
-    table = _values(results)
-    if other is None or focus not in table or other not in table:
+    family = _setting_family(results, study)
+    if other is None or other not in family:
         return ""
-    c = paired_comparison(table[focus], table[other], _higher(summary))
+    c = family[other]
     word = "better" if c["mean_diff"] > 0 else "worse"
     claim = ("the difference is significant at 5%" if c["significant"] else
              "the difference is **not** significant at 5%")
     return (f"{focus} against the best other method ({other}): {word} by {abs(c['mean_diff']):.4f} "
-            f"on average, better on {c['wins']} of {c['n']} seeds, paired t-test p = {c['p_ttest']:.3f}: "
-            f"{claim}.")
+            f"on average, better on {c['wins']} of {c['n']} seeds, paired t-test p = {c['p_ttest']:.3f} "
+            f"(Holm-adjusted over the {len(family)} comparisons of {focus} on this setting: "
+            f"{c['p_holm']:.3f}): {claim}.")
 
 
 def versus_table(results: pd.DataFrame, summary: pd.DataFrame, study: Study = STUDY) -> str:
     """The focus against every other method on every setting of a store, paired by seed:
-    "better" or "worse" where the paired t-test says so at 5%, else "n.s.", with its p; the
-    last column counts the settings each way. docs/results.md's plain words on where TD wins
-    are read off this table."""
-    from talkingmodels.analysis import paired_comparison
-
+    "better" or "worse" where the paired t-test's Holm-adjusted p (one family per setting:
+    the focus against every other method there, as in the setting's own table) is below 5%,
+    else "n.s.", with that adjusted p; the last column counts the settings each way.
+    docs/results.md's plain words on where TD wins are read off this table."""
     focus = study.focus
-
     keys = list(dict.fromkeys(zip(summary.task, summary.setting, strict=True)))
     lines = [f"| {focus} against | " + " | ".join(f"{t} / {s}" for t, s in keys) +
              f" | {focus} better / worse |", "|---" * (len(keys) + 2) + "|"]
-    tables = {(task, setting): _values(results[(results.task == task) & (results.setting == setting)])
-              for task, setting in keys}
+    families = {(task, setting): _setting_family(
+        results[(results.task == task) & (results.setting == setting)], study) for task, setting in keys}
     for other in dict.fromkeys(summary.method):
         if other == focus:
             continue
         cells, counts = [], {"better": 0, "worse": 0, "n.s.": 0}
-        for (task, _), table in tables.items():
-            c = (paired_comparison(table[focus], table[other], _higher(summary[summary.task == task]))
-                 if focus in table and other in table else None)
+        for family in families.values():
+            c = family.get(other)
             if c is None or pd.isna(c["p_ttest"]):
                 cells.append("n/a")
                 continue
             word = ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "n.s."
             counts[word] += 1
-            cells.append(f"{word} (p {c['p_ttest']:.3f})")
+            cells.append(f"{word} (p {c['p_holm']:.3f})")
         lines.append(f"| {other} | " + " | ".join(cells) + f" | {counts['better']} / {counts['worse']} |")
     return "\n".join(lines)
 

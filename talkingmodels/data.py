@@ -43,6 +43,52 @@ class LazyRows(Mapping):
         return len(self._source)
 
 
+class TokenStates:
+    """Per-token states of a split's sentences, packed: only the real tokens are stored
+    (``values``: all sentences' real tokens one after another, (tokens, dim)), so a cache
+    holds no padding. ``rows(index, keep)`` hands a batch's rows back as a (batch, keep, dim)
+    tensor, zero at padding positions (losses on token states average over real tokens, so
+    what padding holds never matters)."""
+
+    def __init__(self, values: torch.Tensor, lengths: torch.Tensor, width: int):
+        if int(lengths.sum()) != len(values):
+            raise ValueError(f"{len(values)} packed tokens, but the lengths sum to {int(lengths.sum())}")
+        self.values, self.lengths, self.width = values, lengths, int(width)
+        self.offsets = lengths.cumsum(0) - lengths
+
+    @classmethod
+    def pack(cls, states: torch.Tensor, lengths: torch.Tensor) -> TokenStates:
+        """The real tokens of right-padded ``states`` (sentences, width, dim)."""
+        real = torch.arange(states.shape[1]) < lengths[:, None]
+        return cls(states[real], lengths, states.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), self.width, self.values.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def dim(self) -> int:
+        return 3
+
+    def rows(self, index: torch.Tensor | slice, keep: int | None = None) -> torch.Tensor:
+        """Sentences ``index`` as (len(index), keep, dim), right-padded with zeros (``keep``:
+        the padded width, by default the split's)."""
+        lengths, offsets = self.lengths[index], self.offsets[index]
+        positions = torch.arange(self.width if keep is None else keep)
+        real = positions < lengths[:, None]
+        out = self.values.new_zeros(len(lengths), len(positions), self.values.shape[1])
+        out[real] = self.values[(offsets[:, None] + positions)[real]]
+        return out
+
+    __getitem__ = rows
+
+
 def _move(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
@@ -267,6 +313,8 @@ class Split:
         keep = int(lengths.max()) if sequences else None
 
         def take(x):  # per-token tensors lose the padding columns past `keep`
+            if isinstance(x, TokenStates):
+                return x.rows(index, keep)
             if sequences and x.dim() > 1 and x.shape[1] == padded:
                 return x[index, :keep]
             return x[index]

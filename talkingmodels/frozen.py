@@ -18,32 +18,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkingmodels import losses, taps
+from talkingmodels.data import TokenStates
 from talkingmodels.io import atomic_save
+
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -> dict:
+    """A cache file's content as states: packed token states (a ``"lengths"`` entry) as
+    :class:`~talkingmodels.data.TokenStates`; checked against what was asked (a wrong row
+    count, dtype or token count raises)."""
+    lengths = stored.get("lengths")
+    result = {"features": stored["features"]}
+    for layer in layers:
+        value = stored[layer]
+        if value.dtype != dtype:
+            raise ValueError(f"{layer} is {value.dtype}, not {dtype}")
+        if lengths is not None:
+            value = TokenStates(value, lengths, int(stored["width"]))
+        result[layer] = value
+    if any(len(value) != n for value in result.values()):
+        raise ValueError("unexpected row count")
+    return result
 
 
 def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...],
                   layers: tuple[str, ...], features: Callable[..., torch.Tensor], what: str = "",
-                  batch_size: int = 250) -> dict[str, torch.Tensor]:
+                  batch_size: int = 250, lengths: torch.Tensor | None = None,
+                  dtype: str = "float32") -> dict:
     """The teacher's states at ``layers`` and ``features(*inputs)`` (under key
     ``"features"``) for every row of ``inputs``: read from ``path`` when it holds them,
     else computed in batches and written there atomically. A file that cannot be read or
-    holds something else is recomputed, never used."""
-    wanted = (*layers, "features")
+    holds something else is recomputed, never used.
+
+    The file is memory-mapped, not read: only the rows a batch gathers are paged in, and
+    the pages stay the operating system's to drop. The states are stored in ``dtype``
+    (``float16`` halves them; the pooled features stay float32 for the probe). Given
+    ``lengths`` (real tokens per right-padded sentence), token states are stored packed,
+    real tokens only (:class:`~talkingmodels.data.TokenStates`)."""
+    n, cast = len(inputs[0]), CACHE_DTYPES[dtype]
     if path.is_file():
         try:
-            cached = torch.load(path, weights_only=True)
-            if all(k in cached and len(cached[k]) == len(inputs[0]) for k in wanted):
-                return cached
-            raise ValueError("unexpected content")
+            return _states(torch.load(path, mmap=True, weights_only=True), layers, n, cast)
         except Exception as exc:
             print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
-    print(f"computing the teacher's states on {len(inputs[0])} {what} examples (cached afterwards)",
-          file=sys.stderr)
-    batches = (tuple(x[start: start + batch_size] for x in inputs)
-               for start in range(0, len(inputs[0]), batch_size))
+    print(f"computing the teacher's states on {n} {what} examples (cached afterwards)", file=sys.stderr)
+    batches = (tuple(x[start: start + batch_size] for x in inputs) for start in range(0, n, batch_size))
     result = taps.collect(teacher, layers, batches, lambda batch: features(*batch), "features")
-    atomic_save(result, path)
-    return result
+    stored = {"features": result["features"]}
+    for layer in layers:
+        state = result.pop(layer)
+        if lengths is not None and state.dim() == 3:
+            packed = TokenStates.pack(state, lengths)
+            state = packed.values
+            stored.update(lengths=lengths.clone(), width=torch.tensor(packed.width))
+        stored[layer] = state.to(cast)
+    atomic_save(stored, path)
+    return _states(torch.load(path, mmap=True, weights_only=True), layers, n, cast)
 
 
 def attach_probe(teacher: nn.Module, splits, layers: tuple[str, str],

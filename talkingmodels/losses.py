@@ -10,15 +10,29 @@ import torch
 import torch.nn.functional as F
 
 
-def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all elements."""
-    return F.mse_loss(prediction, target)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (batch, tokens, ...) over the real tokens of ``mask`` (batch,
+    tokens); padding positions add exactly nothing, whatever they hold (NaN aside)."""
+    weights = mask.to(values.dtype).reshape(*mask.shape, *(1,) * (values.dim() - 2))
+    return (values * weights).sum() / (mask.sum() * values[0, 0].numel())
 
 
-def cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean of ``1 - cos`` between feature vectors (feature dim 1 for images, last else)."""
+def mse(prediction: torch.Tensor, target: torch.Tensor,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over all elements; for token sequences with a ``mask`` of their
+    real tokens (batch, tokens), over the real tokens' elements only."""
+    if mask is None:
+        return F.mse_loss(prediction, target)
+    return _masked_mean((prediction - target).pow(2), mask)
+
+
+def cosine(prediction: torch.Tensor, target: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``1 - cos`` between feature vectors (feature dim 1 for images, last else);
+    with a ``mask`` of real tokens, over the real tokens only."""
     dim = 1 if prediction.dim() == 4 else -1
-    return (1 - F.cosine_similarity(prediction, target, dim=dim, eps=1e-8)).mean()
+    distance = 1 - F.cosine_similarity(prediction, target, dim=dim, eps=1e-8)
+    return distance.mean() if mask is None else _masked_mean(distance, mask)
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -168,5 +182,5 @@ def crd_nce(scores: torch.Tensor, temperature: float, log_z: torch.Tensor) -> to
     return -(F.logsigmoid(x[:, 0]) + F.logsigmoid(-x[:, 1:]).sum(1)).mean()
 
 
-Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Distance = Callable[..., torch.Tensor]  # (prediction, target, mask=None) -> scalar
 DISTANCES: dict[str, Distance] = {"mse": mse, "cosine": cosine}

@@ -159,3 +159,26 @@ def test_linear_cka_invariances():
 @pytest.mark.parametrize("name", ["mse", "cosine"])
 def test_distances_registry(name):
     assert losses.DISTANCES[name] is getattr(losses, name)
+
+
+def test_masked_mse_and_cosine_by_hand():
+    """Two sentences of 3 positions, features of width 2; real tokens: 2 and 1.
+    Squared errors of the real tokens: (1, 0), (0, 4) and (1, 1) -> 7 / (3 tokens x 2) = 7/6;
+    the padding positions (huge errors) add nothing. Cosine: real tokens' vectors at 0,
+    90 and 180 degrees from their targets -> (0 + 1 + 2) / 3 = 1."""
+    from talkingmodels.losses import cosine, mse
+
+    prediction = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]],
+                               [[1.0, 1.0], [9.0, 9.0], [9.0, 9.0]]])
+    target = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [-9.0, 0.0]],
+                           [[0.0, 0.0], [-9.0, -9.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert float(mse(prediction, target, mask)) == pytest.approx(7 / 6)
+    assert float(mse(prediction, target)) == pytest.approx(float(((prediction - target) ** 2).mean()))
+    unit = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [5.0, 5.0]], [[1.0, 0.0], [5.0, 5.0], [5.0, 5.0]]])
+    aim = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 1.0]], [[-1.0, 0.0], [1.0, -7.0], [0.0, 1.0]]])
+    assert float(cosine(unit, aim, mask)) == pytest.approx(1.0)
+    # every position real: the same value as without a mask
+    full = torch.ones(2, 3, dtype=torch.bool)
+    assert float(mse(prediction, target, full)) == pytest.approx(float(mse(prediction, target)))
+    assert float(cosine(unit, aim, full)) == pytest.approx(float(cosine(unit, aim)))

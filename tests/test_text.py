@@ -9,6 +9,7 @@ Small settings keep it quick: ``limit: 60`` sentences of a domain (48 training, 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, encoder, teacher_calls):
     again = task(tmp_path, encoder, limit=30).prepare("tweets")  # a new task object: from disk only
     assert teacher_calls == []
     for key, value in first.splits.train.teacher_cache.items():
-        assert torch.equal(value, again.splits.train.teacher_cache[key])
+        assert torch.equal(value[:], again.splits.train.teacher_cache[key][:])
     task(tmp_path, encoder, limit=30,
          teacher_layers=("bert.encoder.layer.2", "bert.encoder.layer.4")).prepare("tweets")
     assert sum(teacher_calls) == 24  # only the training states depend on the layers
@@ -226,3 +227,124 @@ def test_the_student_ignores_the_padding_that_batches_drop():
         full = student(ids, mask)
         trimmed = student(ids[:, :7], mask[:, :7])
     assert torch.allclose(full, trimmed, atol=1e-5)
+
+
+TOKEN_METHODS = [("feature-kd", {}), ("fitnet", {}), ("hybrid", {}), ("kd-modules", {}), ("td", {}),
+                 ("td", {"rounds": 2, "listen": "add", "distance": "cosine"})]
+
+
+@pytest.mark.parametrize(("name", "options"), TOKEN_METHODS, ids=lambda v: str(v))
+def test_padding_positions_get_no_gradient_and_change_no_term(prepared, name, options):
+    """Per-token losses average over real tokens only: the student's states at padding
+    positions get exactly zero gradient, and whatever the teacher's cached states hold at
+    padding positions changes no loss term."""
+    from dataclasses import replace
+
+    from talkingmodels import runner
+    from talkingmodels.data import LazyRows
+
+    cls = METHODS[name]
+    method = runner.build_method(prepared, cls, cls.Config(**options), seed=0)
+    method.train()
+    if name == "fitnet":
+        method.stage = method.hint_stage  # its per-token term is the hint
+    batch = prepared.splits.train.batch(torch.arange(16))
+    real = torch.arange(batch.student_inputs[0].shape[1]) < batch.lengths[:, None]
+    assert not real.all()  # the batch has padding
+    grads = {}
+
+    def keep(layer):
+        def hook(_module, _inputs, output):
+            output.register_hook(lambda grad: grads.__setitem__(layer, grad))
+        return hook
+
+    handles = [taps.get_module(method.student, layer).register_forward_hook(keep(layer))
+               for layer in prepared.student_layers]
+    torch.manual_seed(0)  # (the same dropout masks in both passes)
+    _, terms = method.forward_train(batch)
+    sum(terms.values()).backward()
+    for handle in handles:
+        handle.remove()
+    assert set(grads) == set(prepared.student_layers)
+    for layer, grad in grads.items():
+        assert grad[real].abs().sum() > 0, layer
+        assert torch.equal(grad[~real], torch.zeros_like(grad[~real])), layer
+
+    noisy = {key: value.clone() for key, value in batch.teacher_cache.items()}
+    for layer in prepared.teacher_layers:
+        noisy[layer][~real] = 1e3
+    torch.manual_seed(0)
+    again = method.forward_train(replace(batch, teacher_cache=LazyRows(noisy, lambda x: x)))[1]
+    assert set(again) == set(terms)
+    for key in terms:
+        assert torch.equal(again[key], terms[key]), key
+
+
+def _train_cache(folder) -> Path:
+    (path,) = (folder / "cache" / "teacher-states").glob("*-train-24.pt")
+    return path
+
+
+def test_token_states_are_cached_packed_mapped_and_exact(tmp_path, encoder):
+    """The training split's token states are stored without padding, memory-mapped when
+    read, and hand back exactly the teacher's states at real tokens (zeros at padding)."""
+    from talkingmodels.data import TokenStates
+
+    prepared = task(tmp_path, encoder, limit=30).prepare("tweets")
+    train = prepared.splits.train
+    ids, mask = train.student_inputs
+    stored = torch.load(_train_cache(tmp_path), weights_only=True)
+    assert torch.equal(stored["lengths"], mask.sum(1))
+    with torch.no_grad(), taps.capture(prepared.teacher, prepared.teacher_layers) as online:
+        prepared.teacher(ids, mask)
+    real = mask.bool()
+    for layer in prepared.teacher_layers:
+        assert stored[layer].shape == (int(mask.sum()), 384)  # real tokens only
+        states = train.teacher_cache[layer]
+        assert isinstance(states, TokenStates) and states.shape == (*ids.shape, 384)
+        assert torch.allclose(states[:][real], online[layer][real], atol=1e-5)
+        assert not states[:][~real].any()
+        # a batch gathers its rows, cut to its longest sentence
+        rows = torch.tensor([3, 0, 7])
+        batch = train.batch(rows)
+        keep = int(mask[rows].sum(1).max())
+        assert torch.equal(batch.teacher_cache[layer], states[:][rows, :keep])
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the file is mapped, not read into memory
+        assert str(_train_cache(tmp_path)) in maps.read_text()
+
+
+def test_float16_cache_is_a_separate_half_size_cache(tmp_path, encoder, teacher_calls):
+    full = task(tmp_path, encoder, limit=30).prepare("tweets")
+    teacher_calls.clear()
+    half = task(tmp_path, encoder, limit=30, cache_dtype="float16").prepare("tweets")
+    assert sum(teacher_calls) == 24 + 3 + 3  # its own cache, not the float32 one
+    assert half.teacher_metric == full.teacher_metric  # the probe reads float32 features
+    for layer in full.teacher_layers:
+        a, b = full.splits.train.teacher_cache[layer], half.splits.train.teacher_cache[layer]
+        assert b.dtype == torch.float16 and a.dtype == torch.float32
+        assert torch.allclose(a[:], b[:].float(), rtol=1e-3, atol=1e-3)
+    assert torch.equal(full.splits.train.teacher_cache["output"], half.splits.train.teacher_cache["output"])
+    with pytest.raises(ValueError):
+        TextConfig(cache_dtype="bfloat8")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong token count"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, encoder, teacher_calls, capsys, damage):
+    first = task(tmp_path, encoder, limit=30).prepare("tweets")
+    # (read before the file is damaged in place: its pages are mapped, not copied)
+    before = {layer: first.splits.train.teacher_cache[layer][:] for layer in first.teacher_layers}
+    path = _train_cache(tmp_path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        stored = torch.load(path, weights_only=True)
+        layer = first.teacher_layers[0]
+        torch.save({**stored, layer: stored[layer][:-1]}, path)
+    teacher_calls.clear()
+    again = task(tmp_path, encoder, limit=30).prepare("tweets")
+    assert "unreadable" in capsys.readouterr().err
+    assert sum(teacher_calls) == 24  # the training split's states only, computed again
+    for layer in first.teacher_layers:
+        assert torch.equal(before[layer], again.splits.train.teacher_cache[layer][:])
+    torch.load(path, weights_only=True)  # whole again

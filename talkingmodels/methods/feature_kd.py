@@ -11,6 +11,7 @@ from talkingmodels.channel import ChannelKind, Encoder, to_grid
 from talkingmodels.data import Batch
 from talkingmodels.methods.base import Distiller, MethodConfig
 from talkingmodels.methods.registry import register
+from talkingmodels.states import token_mask
 
 
 class FeatureKDConfig(MethodConfig):
@@ -41,12 +42,15 @@ class FeatureMatching:
         s_name, t_name = self.layer_names()
         prediction, states = self.student_states(batch, (s_name,))
         teacher = self.teacher_states(batch, (t_name,))
-        return prediction, self.feature_term(states[s_name], teacher[t_name]), teacher
+        term = self.feature_term(states[s_name], teacher[t_name], token_mask(batch, teacher[t_name]))
+        return prediction, term, teacher
 
-    def feature_term(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """The weighted MSE between the regressed student state and the teacher's state."""
+    def feature_term(self, student: torch.Tensor, teacher: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted MSE between the regressed student state and the teacher's state
+        (over real tokens only, given the ``mask`` of a batch of sentences)."""
         mapped = to_grid(self.regressor(student, self.config.layer), teacher)
-        return self.config.feature_weight * losses.mse(mapped, teacher)
+        return self.config.feature_weight * losses.mse(mapped, teacher, mask)
 
 
 @register("feature-kd")

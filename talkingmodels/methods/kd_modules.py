@@ -15,6 +15,7 @@ from talkingmodels.data import Batch
 from talkingmodels.methods.hybrid import Hybrid, HybridConfig
 from talkingmodels.methods.registry import register
 from talkingmodels.methods.td import ChannelConfig, Consistency
+from talkingmodels.states import token_mask
 
 
 class KDModulesConfig(HybridConfig, ChannelConfig):
@@ -33,9 +34,10 @@ class KDModules(Consistency, Hybrid):
         prediction, states = self.student_states(batch, (s_low, s_high))
         teacher = self.teacher_states(batch, (t_low, t_high))
         s_name, t_name = self.layer_names()
+        mask = token_mask(batch, states[s_high])  # real tokens (None: not sentences)
         terms = {"task": self.pair.task_loss(prediction, batch.target),
                  "kd": self.logit_term(prediction, teacher["output"]),
-                 "feature": self.feature_term(states[s_name], teacher[t_name])}
+                 "feature": self.feature_term(states[s_name], teacher[t_name], mask)}
         terms.update(self.consistency_terms(states[s_low], states[s_high],
-                                            teacher[t_low], teacher[t_high]))
+                                            teacher[t_low], teacher[t_high], mask))
         return prediction, terms

@@ -25,6 +25,7 @@ from talkingmodels.data import Batch
 from talkingmodels.methods.base import MethodConfig
 from talkingmodels.methods.logit_kd import LogitKD, LogitKDConfig, output_kd
 from talkingmodels.methods.registry import register
+from talkingmodels.states import token_mask
 
 Detachable = Literal["question", "answer", "student_state"]
 
@@ -97,8 +98,9 @@ class Consistency:
         self.distance = losses.DISTANCES[config.distance]
 
     def consistency_terms(self, s_l: torch.Tensor, s_h: torch.Tensor, t_l: torch.Tensor,
-                          t_h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The weighted L_MC ("mc") and L_SC ("sc") terms that are switched on."""
+                          t_h: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The weighted L_MC ("mc") and L_SC ("sc") terms that are switched on; over the real
+        tokens of ``mask`` for batches of sentences (both models see the same tokens)."""
         cfg, terms = self.config, {}
         E_S, D_S = self.student_side.encoder, self.student_side.decoder
         E_T, D_T = self.teacher_side.encoder, self.teacher_side.decoder
@@ -107,11 +109,11 @@ class Consistency:
             terms["mc"] = cfg.w2 * sum(
                 # (the teacher's message laid out on the student's grid)
                 self.distance(E_S(pairs[role][0], role),
-                              to_grid(E_T(pairs[role][1], role), pairs[role][0]))
+                              to_grid(E_T(pairs[role][1], role), pairs[role][0]), mask)
                 for role in cfg.mc_layers) / len(cfg.mc_layers)
         if cfg.state_consistency and cfg.w3 > 0:
-            terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l)
-                                    + self.distance(D_S(E_S(s_h, "h"), "h"), s_h))
+            terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l, mask)
+                                    + self.distance(D_S(E_S(s_h, "h"), "h"), s_h, mask))
         return terms
 
 
@@ -165,7 +167,8 @@ class TalkingDistillation(Consistency, LogitKD):
 
         if cfg.rounds > 0 and (not self.training or self._interacts_now()):
             terms.update(self.interaction_terms(prediction, s_l, s_h, teacher[t_low], batch))
-        terms.update(self.consistency_terms(s_l, s_h, teacher[t_low], teacher[t_high]))
+        terms.update(self.consistency_terms(s_l, s_h, teacher[t_low], teacher[t_high],
+                                            token_mask(batch, s_h)))
         return prediction, terms
 
     def interaction_terms(self, prediction: torch.Tensor, s_l: torch.Tensor, s_h: torch.Tensor,
@@ -180,6 +183,7 @@ class TalkingDistillation(Consistency, LogitKD):
             rows = rows.to(s_l.device)
             prediction, s_l, s_h, t_l = prediction[rows], s_l[rows], s_h[rows], t_l[rows]
             batch = batch.rows(rows)
+        mask = token_mask(batch, s_h)  # real tokens (None: not sentences)
         asked = s_l.detach() if "question" in cfg.stop_gradient else s_l
         interact, s_high_answer = 0.0, None
         for r in range(cfg.rounds):
@@ -189,7 +193,7 @@ class TalkingDistillation(Consistency, LogitKD):
             s_high_answer = D_S(to_grid(E_T(t_high_answer, "h"), s_h), "h")
             target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
             answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
-            interact = interact + self.distance(answer, target)
+            interact = interact + self.distance(answer, target, mask)
         terms["interact"] = cfg.w1 * interact / cfg.rounds
         if cfg.answer_kd > 0 or cfg.answer_fit > 0:
             # The teacher's own head reads its interpretation: an answer in output space.

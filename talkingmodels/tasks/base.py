@@ -13,10 +13,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from talkingmodels import losses
@@ -32,6 +32,14 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data_dir: Path | None = None
     cache_dir: Path | None = None
+
+
+class FrozenTeacherConfig(TaskConfig):
+    """Options of a task whose frozen teacher's states are cached on disk."""
+
+    cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the cached teacher states (float16 halves the cache "
+        "and the memory it maps; the probe's features stay float32)")
 
 
 @dataclass

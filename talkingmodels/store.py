@@ -6,8 +6,10 @@
   one gzip member appended per run before its results row (a run redone after a crash in
   between appends its curves again: the reader keeps the last copy);
 * ``students/RUN.safetensors``: the selected student's weights; ``tasks.json``: per task, its
-  options (to rebuild a run's student) and its settings and method labels in the order they
-  were run (the report's order); ``checkpoints/RUN.pt`` while a run trains.
+  options (to rebuild a run's student), its settings and method labels in the order they
+  were run (the report's order) and the machines and software that ran it (bit-identical
+  results hold on one machine and software stack only); ``checkpoints/RUN.pt`` while a run
+  trains.
 
 A run's row records its metric and the metric's direction, and the class names of a
 classification task, so the report needs nothing but the store.
@@ -20,6 +22,7 @@ import gzip
 import io
 import json
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -117,15 +120,43 @@ def read_tasks(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def machine() -> dict:
+    """This machine and software stack: CPU model, cores, torch and Python versions."""
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "system": platform.system()}
+
+
 def record_task(out: Path, task: str, options: dict, settings: list[str], methods: list[str]) -> None:
-    """Add a grid's task to ``tasks.json``: its options, and its settings and method labels
-    after those already recorded."""
+    """Add a grid's task to ``tasks.json``: its options, its settings and method labels after
+    those already recorded, and this machine (:func:`machine`) if it is a new one."""
     tasks = read_tasks(out)
     known = tasks.get(task, {})
+    machines = known.get("machines", [])
     tasks[task] = {"options": json.loads(json.dumps(options, default=str)),
                    "settings": list(dict.fromkeys([*known.get("settings", []), *settings])),
-                   "methods": list(dict.fromkeys([*known.get("methods", []), *methods]))}
+                   "methods": list(dict.fromkeys([*known.get("methods", []), *methods])),
+                   "machines": machines + ([machine()] if machine() not in machines else [])}
     atomic_write_text(Path(out) / TASKS, json.dumps(tasks, indent=2, sort_keys=True) + "\n")
+
+
+def machines_text(out: Path) -> str:
+    """Where a store's runs were made, as a sentence (from ``tasks.json``)."""
+    seen = []
+    for task in read_tasks(out).values():
+        seen += [m for m in task.get("machines", []) if m not in seen]
+    if not seen:
+        return "Machine and software not recorded (a store from before they were)."
+    return "Run on " + "; ".join(f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, Python "
+                                 f"{m['python']}" for m in seen) + "."
 
 
 def read_results(out: Path) -> pd.DataFrame:

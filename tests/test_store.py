@@ -53,3 +53,19 @@ def test_a_store_of_another_layout_is_one_clear_error(tmp_path):
     (tmp_path / "results.csv").write_text("task,setting,method,seed,metric,value\ntoy,dense,td,0,rmse,0.9\n")
     with pytest.raises(UserError, match="not of this version's layout .*missing columns: val_value"):
         store.read_results(tmp_path)
+
+
+def test_a_store_records_the_machine_and_software_it_ran_on(tmp_path, monkeypatch):
+    import torch
+
+    assert store.machines_text(tmp_path).startswith("Machine and software not recorded")
+    store.record_task(tmp_path, "movielens", {}, ["dense"], ["td"])
+    store.record_task(tmp_path, "movielens", {}, ["sparse"], ["td"])  # the same machine: once
+    (machine,) = store.read_tasks(tmp_path)["movielens"]["machines"]
+    assert machine["torch"] == torch.__version__ and machine["cores"] >= 1 and machine["cpu"]
+    other = {**machine, "cpu": "Another CPU"}
+    monkeypatch.setattr(store, "machine", lambda: other)
+    store.record_task(tmp_path, "text", {}, ["tweets"], ["td"])
+    text = store.machines_text(tmp_path)
+    assert text.startswith(f"Run on {machine['cpu']} ({machine['cores']} cores), torch {torch.__version__}")
+    assert "; Another CPU" in text

@@ -34,7 +34,7 @@ from talkingmodels.report.tables import (
     undistillable_table,
     versus_table,
 )
-from talkingmodels.store import read_curves, read_results
+from talkingmodels.store import machines_text, read_curves, read_results
 
 __all__ = ["README_END", "README_START", "REFERENCE", "STUDY", "Study", "ablation_overview", "ablation_table",
            "best_other", "cka_section", "compared", "compute_table", "forest_plot", "forest_rows",
@@ -51,7 +51,10 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
     lines = ["# talkingmodels report", "",
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
-             "test metric is better than scratch's on the same seed.", ""]
+             "test metric is better than scratch's on the same seed.", "", machines_text(out),
+             "Seeded runs reproduce bit for bit on the same machine and software; on another CPU "
+             "or version the values differ by floating-point order, and the conclusions are what "
+             "should hold.", ""]
     methods = compared(summary, study)
     if forest_plot(results, Path(out) / "forest.png", study) is not None:
         lines += ["![gain over scratch with 95% intervals](forest.png)", ""]

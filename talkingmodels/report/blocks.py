@@ -15,7 +15,7 @@ from talkingmodels.report.tables import (
     undistillable_table,
     versus_table,
 )
-from talkingmodels.store import read_results
+from talkingmodels.store import machines_text, read_results
 
 README_START = "<!-- results of {store} (generated: talkingmodels report {store} --readme {doc}) -->"
 
@@ -61,7 +61,7 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
         lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]
     if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)
-        lines += ["Runs in this store (2 CPU cores):", "", compute_table(results), ""]
+        lines += [f"Runs in this store. {machines_text(out)}", "", compute_table(results), ""]
     return "\n".join(lines).rstrip("\n")
 
 

@@ -1,5 +1,7 @@
 """Checkpoints: a run stopped after any epoch and resumed ends exactly like the
-uninterrupted run (same seed, CPU); a corrupt checkpoint is reported, never used."""
+uninterrupted run (same seed, CPU), and trains only the steps and epochs that were left
+(a restart from scratch would end alike, so the counts are what prove the resume); a
+corrupt checkpoint is reported, never used."""
 
 from __future__ import annotations
 
@@ -22,16 +24,37 @@ class Killed(Exception):
     """Stands in for a process killed right after an epoch's checkpoint was written."""
 
 
-def run(prepared, name, checkpoint=None, kill_after=None, **options):
+class Counted:
+    """What a run trained: its training steps (calls of ``forward_train``) and the epochs
+    it finished (stage and epoch, in order)."""
+
+    def __init__(self, method):
+        self.steps, self.epochs = 0, []
+        plain = method.forward_train
+
+        def counted(batch):
+            self.steps += 1
+            return plain(batch)
+
+        method.forward_train = counted
+
+
+def run(prepared, name, checkpoint=None, kill_after=None, counts=None, **options):
     cls = METHODS[name]
     method = runner.build_method(prepared, cls, cls.Config(**options), seed=7)
+    counted = Counted(method)
 
     def on_epoch(row):
+        counted.epochs.append((row.get("stage"), row["epoch"]))
         if row["epoch"] == kill_after:
             raise Killed
 
-    result = fit(method, prepared.splits, MovieLens.metric, TRAIN, seed=7, on_epoch=on_epoch,
-                 checkpoint=checkpoint)
+    try:
+        result = fit(method, prepared.splits, MovieLens.metric, TRAIN, seed=7, on_epoch=on_epoch,
+                     checkpoint=checkpoint)
+    finally:
+        if counts is not None:
+            counts.append(counted)
     return method, result
 
 
@@ -51,12 +74,18 @@ def assert_same(a, b):
     ("hybrid", {}, 3),
 ])
 def test_resumed_run_equals_uninterrupted(dense, tmp_path, name, options, kill_after):
-    whole = run(dense, name, **options)
+    counts = []
+    whole = run(dense, name, counts=counts, **options)
     path = tmp_path / "run.pt"
     with pytest.raises(Killed):
-        run(dense, name, checkpoint=path, kill_after=kill_after, **options)
+        run(dense, name, checkpoint=path, kill_after=kill_after, counts=counts, **options)
     assert path.exists()
-    assert_same(whole, run(dense, name, checkpoint=path, **options))
+    assert_same(whole, run(dense, name, checkpoint=path, counts=counts, **options))
+    uninterrupted, before, after = counts
+    # the resumed run trained only what was left: no step or epoch twice, none missing
+    assert before.epochs[-1][1] == kill_after
+    assert before.epochs + after.epochs == uninterrupted.epochs
+    assert 0 < after.steps == uninterrupted.steps - before.steps
 
 
 def test_checkpointing_does_not_change_the_run(dense, tmp_path):
@@ -109,7 +138,9 @@ def test_numerical_fault_names_the_term_and_keeps_the_last_good_checkpoint(dense
 def test_signal_mid_epoch_saves_and_resumes_exactly(dense, tmp_path, signum, at_step):
     from talkingmodels.engine import Interrupted
 
-    whole = run(dense, "td")
+    counts = []
+    whole = run(dense, "td", counts=counts)
+    whole_steps = counts[0].steps
     cls = METHODS["td"]
     method = runner.build_method(dense, cls, cls.Config(), seed=7)
     plain, calls = method.forward_train, []
@@ -127,4 +158,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(dense, tmp_path, signum, at_
     paused = torch.load(path, weights_only=False)["partial"]
     assert paused["steps"] == at_step % -(-len(dense.splits.train) // TRAIN.batch_size)
     assert signal.getsignal(signum) is not None  # the previous handler is back
-    assert_same(whole, run(dense, "td", checkpoint=path))
+    counts = []
+    assert_same(whole, run(dense, "td", checkpoint=path, counts=counts))
+    # the steps before the signal (the interrupted one finished) are not trained again
+    assert counts[0].steps == whole_steps - at_step

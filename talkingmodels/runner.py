@@ -38,7 +38,7 @@ from talkingmodels.engine import (
 )
 from talkingmodels.errors import UserError
 from talkingmodels.export import save_weights
-from talkingmodels.methods import supports
+from talkingmodels.methods import not_applicable
 from talkingmodels.probes import PeakMemory, TensorBoardLog
 from talkingmodels.states import ModelPair
 from talkingmodels.tasks import Prepared
@@ -57,6 +57,12 @@ def build_method(prepared: Prepared, cls: type, options, seed: int):
     place(method, device)
     method.setup(first_batch(as_loader(prepared.splits.train, 4, shuffle=False), 4).to(device))
     return method
+
+
+def _classes(exp: Experiment) -> int | None:
+    """The number of classes of the experiment's task (None: not a classification task)."""
+    names = getattr(exp.task, "class_names", None)
+    return len(names) if names else None
 
 
 def _prepare(exp: Experiment, setting: str) -> Prepared:
@@ -126,7 +132,7 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
         for setting in dict.fromkeys(s for s, *_ in grid):
             prepared[setting] = prep = _prepare(exp, setting)
             for _, cls, options in exp.methods:
-                if supports(cls, prep.output):  # (the others get an n/a row, not a run)
+                if not_applicable(cls, options, prep.output, _classes(exp)) is None:  # (else n/a)
                     build_method(prep, cls, options, seed=0)
     if force and distributed.is_main():  # only now: a config mistake must not cost old results
         for path in (results, out / store.CURVES, *out.glob("students/*.safetensors"),
@@ -236,8 +242,8 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
         return store.result_row(key, task.metric, prep.teacher_metric, cls.name, status,
                                 task.class_names, **cells)
 
-    if not supports(cls, prep.output):  # e.g. a class-distribution method on ratings
-        return {**outcome, "row": row(f"n/a: needs {' or '.join(cls.outputs)} outputs")}
+    if reason := not_applicable(cls, options, prep.output, _classes(exp)):
+        return {**outcome, "row": row(f"n/a: {reason}")}  # e.g. class distributions on ratings
     method = build_method(prep, cls, options, seed)
     board = TensorBoardLog(tensorboard / run_id if tensorboard and distributed.is_main() else None)
 

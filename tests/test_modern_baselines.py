@@ -612,3 +612,28 @@ def test_each_method_learns_on_a_toy_problem(name, kind):
         optimizer.step()
         seen.append(float(sum(v for k, v in terms.items() if k != "task").detach()))
     assert np.mean(seen[-5:]) < 0.85 * seen[0], (name, seen[0], seen[-5:])
+
+
+def test_dkd_on_two_classes_is_logit_kd_and_is_reported_as_such():
+    """With two classes NCKD (among the other classes: one) is exactly 0 and TCKD is the whole
+    KL, so DKD with logit-kd's weight and temperature is logit-kd: a grid records it as n/a
+    with that reason instead of a duplicate run."""
+    from talkingmodels import losses
+    from talkingmodels.methods import METHODS, not_applicable
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 2), torch.randn(16, 2)
+    target = torch.randint(0, 2, (16,))
+    tckd, nckd = losses.dkd(student, teacher, target, 4.0)
+    assert float(nckd) == 0.0
+    assert float(tckd) == pytest.approx(float(losses.kd_kl(student, teacher, 4.0)), rel=1e-5)
+
+    dkd = METHODS["dkd"]
+    reason = not_applicable(dkd, dkd.Config(), "classification", 2)
+    assert reason.startswith("identical to logit-kd on two classes")
+    assert not_applicable(dkd, dkd.Config(beta=0.5), "classification", 2) == reason  # NCKD is 0 anyway
+    assert not_applicable(dkd, dkd.Config(), "classification", 10) is None
+    assert not_applicable(dkd, dkd.Config(alpha=2.0), "classification", 2) is None
+    assert not_applicable(dkd, dkd.Config(warmup_steps=10), "classification", 2) is None
+    assert not_applicable(dkd, dkd.Config(), "regression", None) == "needs classification outputs"
+    assert not_applicable(METHODS["logit-kd"], METHODS["logit-kd"].Config(), "classification", 2) is None

@@ -85,7 +85,7 @@ def test_classification_only_methods_are_na_on_ratings(task_options, tmp_path, c
         assert rows[(method, "1")]["cka_classes"] == ""  # regression: no classes
         assert 0.05 < float(rows[(method, "1")]["peak_gib"]) < 24  # the run's peak memory
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "| dkd | n/a (no meaning for this task) |" in report
+    assert "| dkd | n/a: needs classification outputs |" in report
     assert (tmp_path / "out" / "cka_movielens.png").stat().st_size > 0
     # a rerun does not try the n/a runs again
     assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 0

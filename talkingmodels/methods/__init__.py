@@ -14,8 +14,8 @@ from talkingmodels.methods import (  # noqa: F401
     scratch,
     td,
 )
-from talkingmodels.methods.base import Distiller, MethodConfig, ModelPair, Stage, supports
+from talkingmodels.methods.base import Distiller, MethodConfig, ModelPair, Stage, not_applicable, supports
 from talkingmodels.methods.registry import METHODS, get_method, register
 
-__all__ = ["METHODS", "Distiller", "MethodConfig", "ModelPair", "Stage", "get_method", "register",
-           "supports"]
+__all__ = ["METHODS", "Distiller", "MethodConfig", "ModelPair", "Stage", "get_method", "not_applicable",
+           "register", "supports"]

@@ -22,7 +22,7 @@ from talkingmodels.engine import Stage, Supervised
 from talkingmodels.errors import UserError
 from talkingmodels.states import ModelPair, OutputKind, feature_dim, pooled, token_mask
 
-__all__ = ["Distiller", "MethodConfig", "ModelPair", "Stage", "supports"]
+__all__ = ["Distiller", "MethodConfig", "ModelPair", "Stage", "not_applicable", "supports"]
 
 
 class MethodConfig(BaseModel):
@@ -35,6 +35,17 @@ class MethodConfig(BaseModel):
 def supports(cls: type[Distiller], output: OutputKind) -> bool:
     """Whether the method class ``cls`` applies to a task whose student predicts ``output``."""
     return output in cls.outputs
+
+
+def not_applicable(cls: type[Distiller], config: MethodConfig, output: OutputKind,
+                   classes: int | None = None) -> str | None:
+    """Why a benchmark grid records an n/a row instead of a run of ``cls`` with ``config`` on
+    a task with ``output`` outputs (and ``classes`` classes), or None: the method has no
+    meaning there, or it provably computes what another method does (a duplicate run would
+    count as one more comparison)."""
+    if not supports(cls, output):
+        return f"needs {' or '.join(cls.outputs)} outputs"
+    return cls.same_as(config, classes)
 
 
 def _as_float(tensor: torch.Tensor) -> torch.Tensor:
@@ -51,6 +62,12 @@ class Distiller(Supervised):
     outputs: ClassVar[tuple[OutputKind, ...]] = ("regression", "classification")
     # Whether the method reads the models' hidden states at their (l, h) layers.
     needs_layers: ClassVar[bool] = False
+
+    @classmethod
+    def same_as(cls, config: MethodConfig, classes: int | None) -> str | None:
+        """Where this configuration provably computes the same loss as another method on a
+        task of ``classes`` classes: the reason (e.g. "identical to logit-kd ..."), else None."""
+        return None
 
     def __init__(self, pair: ModelPair, config: MethodConfig):
         name = getattr(self, "name", type(self).__name__)

@@ -16,6 +16,7 @@ from pydantic import Field
 from talkingmodels import losses
 from talkingmodels.data import Batch
 from talkingmodels.methods.base import Distiller, MethodConfig
+from talkingmodels.methods.logit_kd import LogitKDConfig
 from talkingmodels.methods.registry import register
 
 
@@ -36,6 +37,18 @@ class DKD(Distiller):
 
     Config = DKDConfig
     outputs = ("classification",)
+
+    @classmethod
+    def same_as(cls, config: DKDConfig, classes: int | None) -> str | None:
+        # With two classes the non-target distribution is one class (NCKD is exactly 0) and
+        # the binary target-vs-rest distribution is the whole one (TCKD is KD's KL): DKD is
+        # logit KD at weight alpha, here logit-kd's defaults.
+        kd = LogitKDConfig()
+        if classes == 2 and config.warmup_steps == 0 and (config.alpha, config.temperature) == (
+                kd.weight, kd.temperature):
+            return ("identical to logit-kd on two classes (NCKD over the one other class is 0, "
+                    "TCKD is the whole KL)")
+        return None
 
     def __init__(self, pair, config: DKDConfig):
         super().__init__(pair, config)

@@ -58,7 +58,7 @@ def summarise(results: pd.DataFrame, study: Study = STUDY) -> pd.DataFrame:
             na = _na_runs(runs)
             if na.all():  # the method has no meaning for this task (e.g. class logits on ratings)
                 rows.append({"task": task, "setting": setting, "method": method, "na": True,
-                             "higher": higher,
+                             "higher": higher, "reason": str(runs.status.iloc[0])[len("n/a: "):],
                              "metric": runs.metric.iloc[0], "n": 0, "failed": 0,
                              "teacher": runs.teacher_value.iloc[0], "extra_params": 0})
                 continue

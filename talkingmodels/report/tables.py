@@ -39,7 +39,8 @@ def markdown_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         if _na(r):
-            lines.append(f"| {r['method']} | n/a (no meaning for this task) |" + " |" * 9)
+            lines.append(f"| {r['method']} | n/a: {r.get('reason') or 'no meaning for this task'} |"
+                         + " |" * 9)
             continue
         cka, gain = _cka_text(r), _gain_text(r)
         peak = f"{r['peak_gib']:.2f}" if pd.notna(r.get("peak_gib")) else "-"

@@ -98,3 +98,32 @@ def test_reads_the_real_files():
     assert ratings.shape == (100_000, 3)
     assert ratings[:, 0].max() + 1 == 943 and genres.shape == (1682, len(GENRES))
     assert genres[:, GENRES.index("Drama")].sum() > genres[:, GENRES.index("Western")].sum() > 0
+
+
+def test_the_teacher_never_trains_on_a_students_held_out_rating(task_options, tmp_path, monkeypatch):
+    """The teacher is fitted on the training part of the one 80/10/10 split of all ratings:
+    none of its training ratings is in any genre's validation or test split (those are the
+    same rows of the other two parts), and the held-out parts it is selected and scored on
+    are exactly those parts."""
+    from talkingmodels.tasks import movielens
+
+    given = []
+    fit = movielens.fit
+
+    def recorded(method, splits, *args, **kwargs):
+        given.append(splits)
+        return fit(method, splits, *args, **kwargs)
+
+    monkeypatch.setattr(movielens, "fit", recorded)
+    task = MovieLens(MovieLensConfig.model_validate({**task_options, "cache_dir": str(tmp_path)}))
+    task.teacher()
+    (splits,) = given
+    trained = pairs(splits.train)
+    assert len(trained) == len(splits.train)  # one rating per (user, item)
+    for setting in ("dense", "sparse", "Comedy"):
+        prepared = task.prepare(setting)
+        assert pairs(prepared.splits.train) <= trained
+        for held in (prepared.splits.val, prepared.splits.test):
+            assert not pairs(held) & trained
+        assert pairs(prepared.splits.val) <= pairs(splits.val)
+        assert pairs(prepared.splits.test) <= pairs(splits.test)

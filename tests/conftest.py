@@ -122,7 +122,8 @@ def dense(task):
 
 def train_one_epoch(prepared, name: str, metric, batch_size: int):
     """Train method ``name`` for one epoch on a prepared setting: (its result, whether the
-    frozen teacher's weights stayed exactly the same)."""
+    frozen teacher's weights stayed exactly the same, whether every weight matrix of the
+    student moved)."""
     from talkingmodels.engine import TrainConfig, fit
     from talkingmodels.methods import METHODS
     from talkingmodels.runner import build_method
@@ -132,6 +133,8 @@ def train_one_epoch(prepared, name: str, metric, batch_size: int):
     cls = METHODS[name]
     method = build_method(prepared, cls, cls.Config(), seed=0)
     before = {k: v.clone() for k, v in prepared.teacher.state_dict().items()}
+    initial = {k: v.clone() for k, v in method.student.named_parameters() if v.dim() > 1}
     result = fit(method, prepared.splits, metric, TrainConfig(epochs=1, batch_size=batch_size), seed=0)
-    after = prepared.teacher.state_dict()
-    return result, all(torch.equal(v, after[k]) for k, v in before.items())
+    after, trained = prepared.teacher.state_dict(), dict(method.student.named_parameters())
+    moved = all(not torch.equal(v, trained[k]) for k, v in initial.items())
+    return result, all(torch.equal(v, after[k]) for k, v in before.items()), moved

@@ -1,7 +1,7 @@
 """The bad-input catalog: every user mistake gives one ``error:`` line naming the bad value
-(and the valid choices where there are some), exit code 2, no traceback, and leaves the
-output folder it was pointed at byte for byte as it was (results, students, checkpoints,
-report).
+(and the valid choices where there are some), exit code 2, no traceback, and leaves every
+folder it could write to byte for byte as it was (the runs store with its results, students,
+checkpoints and report; the file or folder a case points ``--out`` or ``--tensorboard`` at).
 
 Each case is a function ``(config, tmp_path, store) -> (argv, names)``: it may change the
 valid experiment ``config`` or add files to ``store`` (a finished runs store) before the
@@ -269,7 +269,9 @@ def test_bad_input(case, config, finished_store, tmp_path, capsys):
     store = tmp_path / "store"
     shutil.copytree(finished_store, store)
     argv, names = CASES[case](config, tmp_path, store)
-    before = snapshot(store)
+    # everything the command could write to: the store, and whatever a case points --out,
+    # --tensorboard or the config at (all under tmp_path), and the working directory's runs/
+    before, runs = snapshot(tmp_path), snapshot(Path("runs")) if Path("runs").is_dir() else None
     code = cli.main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -278,7 +280,8 @@ def test_bad_input(case, config, finished_store, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for name in names:
         assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
-    assert snapshot(store) == before
+    assert snapshot(tmp_path) == before
+    assert (snapshot(Path("runs")) if Path("runs").is_dir() else None) == runs
 
 
 def test_the_catalog_is_large_enough():

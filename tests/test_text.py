@@ -209,9 +209,11 @@ def test_student_masks_padding_and_exposes_per_token_states(prepared):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_on_token_states(prepared, name):
-    result, teacher_unchanged = train_one_epoch(prepared, name, Sentiment.metric, batch_size=16)
-    assert 0 <= result.test <= 1
-    assert teacher_unchanged
+    result, teacher_unchanged, student_moved = train_one_epoch(prepared, name, Sentiment.metric, 16)
+    # one epoch of a few batches is no test of learning (the end-to-end test below is): every
+    # weight of the student must have trained, the teacher none, and the result be a number
+    assert student_moved and teacher_unchanged
+    assert 0 < result.test <= 1 and 0 < result.val <= 1
 
 
 def test_the_student_ignores_the_padding_that_batches_drop():
@@ -387,3 +389,19 @@ def test_the_probe_is_fitted_on_training_sentences_only(tmp_path, encoder, monke
     with torch.no_grad():  # the features it got are the training sentences' own
         ids, mask = splits.train.student_inputs
         assert torch.allclose(train, prepared.teacher.features(ids, mask), atol=1e-5)
+
+
+def test_td_learns_on_tweets(tmp_path, encoder):
+    """End to end on 640 training sentences: TD's student beats always answering the
+    majority class of the test split by more than 5 points."""
+    from talkingmodels import runner
+    from talkingmodels.engine import TrainConfig, fit
+
+    prepared = task(tmp_path, encoder, limit=800).prepare("tweets")
+    positive = float(prepared.splits.test.target.float().mean())
+    majority = max(positive, 1 - positive)
+    cls = METHODS["td"]
+    method = runner.build_method(prepared, cls, cls.Config(), seed=0)
+    result = fit(method, prepared.splits, Sentiment.metric,
+                 TrainConfig(epochs=4, batch_size=32, lr=3e-3), seed=0)
+    assert result.test > majority + 0.05, (result.test, majority)

@@ -1,11 +1,17 @@
-"""Kill a TD run with SIGKILL at random points, resume it, and check that every resumed run
-ends exactly like the uninterrupted one (test metric, selected weights, per-epoch curves).
+"""Kill a TD run with SIGKILL while it trains, resume it, and check that every resumed run
+ends exactly like the uninterrupted one (test metric, selected weights, per-epoch curves)
+and trains only what was left.
 
     python benchmarks/kill_resume.py --data-dir ../shared/data/ml-100k [--kills 10]
 
 Each trial starts ``talkingmodels run`` on a one-run config (TD, dense setting, seed 0, a
-short epoch budget), kills it with SIGKILL after a random delay, then runs the same command
-with ``--resume``, which continues from the run's last checkpoint.
+short epoch budget, no early stop), waits until the run's checkpoint holds a randomly drawn
+epoch (1 to epochs - 2), waits a random part of one more epoch, and kills it with SIGKILL
+(a trial where the run has already finished is reported as such, not counted). It then runs
+the same command with ``--resume`` and a TensorBoard folder of its own: the steps and
+epochs logged there are the ones trained after resuming, which must be exactly those the
+checkpoint had left (a resume that silently started over would end alike, but train them
+all again).
 """
 
 from __future__ import annotations
@@ -47,14 +53,27 @@ def same(a: tuple, b: tuple) -> bool:
         torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
-def where_killed(out: Path) -> str:
-    checkpoint = out / "checkpoints" / f"{RUN_ID}.pt"
-    if (out / "results.csv").exists():
-        return "after the run finished"
-    if checkpoint.exists():
-        epoch = torch.load(checkpoint, weights_only=False)["run"]["epoch"]
-        return f"after epoch {epoch}"
-    return "before the first checkpoint"
+def checkpoint_epoch(out: Path) -> int | None:
+    """The last finished epoch in the run's checkpoint (None: no checkpoint yet)."""
+    path = out / "checkpoints" / f"{RUN_ID}.pt"
+    try:
+        return torch.load(path, weights_only=False)["run"]["epoch"]
+    except (OSError, EOFError, RuntimeError, KeyError):
+        return None
+
+
+def logged(folder: Path) -> tuple[int, int]:
+    """(training steps, epochs) a run logged to its TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, epochs = set(), set()
+    for events in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events)).Reload()
+        tags = accumulator.Tags()["scalars"]
+        if "step/loss_task" in tags:
+            steps |= {e.step for e in accumulator.Scalars("step/loss_task")}
+        epochs |= {e.step for tag in tags if tag.startswith("epoch/") for e in accumulator.Scalars(tag)}
+    return len(steps), len(epochs)
 
 
 def main() -> None:
@@ -62,7 +81,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/ml-100k")
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="kill-resume-"))
@@ -75,32 +94,48 @@ def main() -> None:
     }))
     subprocess.run(command(config, work / "warm"), check=True, capture_output=True)  # teacher
     start = time.perf_counter()
-    subprocess.run(command(config, work / "whole"), check=True, capture_output=True)
+    subprocess.run([*command(config, work / "whole"), "--tensorboard", str(work / "tb-whole")],
+                   check=True, capture_output=True)
     total = time.perf_counter() - start
     reference = outcome(work / "whole")
-    print(f"uninterrupted run: {total:.1f} s, test rmse {reference[0][0]}, "
-          f"{reference[0][3]} epochs")
+    steps, epochs = logged(work / "tb-whole")
+    per_epoch = steps // epochs
+    print(f"uninterrupted run: {total:.1f} s, test rmse {reference[0][0]}, {epochs} epochs of "
+          f"{per_epoch} steps")
 
     rng = random.Random(args.seed)
-    equal = 0
-    print("| trial | killed at (s) | state when killed | resumed run equals uninterrupted |")
-    print("|---|---|---|---|")
+    passed = valid = 0
+    print("| trial | killed during epoch | resumed at epoch | epochs trained after resuming "
+          "(expected) | steps trained after resuming (expected) | resumed run equals uninterrupted |")
+    print("|---|---|---|---|---|---|")
     for trial in range(1, args.kills + 1):
         out = work / f"trial{trial}"
-        delay = rng.uniform(0.2 * total, 0.95 * total)
+        target = rng.randint(1, epochs - 2)
         process = subprocess.Popen(command(config, out), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        while (checkpoint_epoch(out) or 0) < target and process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.9) * total / epochs)  # into the next epoch
+        still_training = process.poll() is None
         process.send_signal(signal.SIGKILL)
         process.wait()
-        state = where_killed(out)
-        subprocess.run([*command(config, out), "--resume"], check=True, capture_output=True)
-        ok = same(outcome(out), reference)
-        equal += ok
-        print(f"| {trial} | {delay:.2f} | {state} | {'yes' if ok else 'NO'} |")
-    print(f"{equal} of {args.kills} resumed runs equal the uninterrupted run")
+        if not still_training or (out / "results.csv").exists():
+            print(f"| {trial} | - | - | - | - | the run finished before the kill: not counted |")
+            continue
+        valid += 1
+        resumed_at = checkpoint_epoch(out) or 0
+        subprocess.run([*command(config, out), "--resume", "--tensorboard", str(work / f"tb{trial}")],
+                       check=True, capture_output=True)
+        steps_after, epochs_after = logged(work / f"tb{trial}")
+        want_epochs = epochs - resumed_at
+        ok = (same(outcome(out), reference) and epochs_after == want_epochs
+              and steps_after == want_epochs * per_epoch)
+        passed += ok
+        print(f"| {trial} | {resumed_at + 1} | {resumed_at} | {epochs_after} ({want_epochs}) | "
+              f"{steps_after} ({want_epochs * per_epoch}) | {'yes' if ok else 'NO'} |")
+    print(f"{passed} of {valid} runs killed while training resumed exactly, training only what was left")
     shutil.rmtree(work)
-    sys.exit(0 if equal == args.kills else 1)
+    sys.exit(0 if passed == valid == args.kills else 1)
 
 
 if __name__ == "__main__":

@@ -205,10 +205,14 @@ def _fingerprint(exp: Experiment, setting: str, cls: type, options) -> dict:
 def representation(prep: Prepared, student, teacher_test: dict, batch_size: int) -> dict:
     """What the report says about a trained student besides its metric: linear CKA between
     its state at ``h`` and the teacher's on the test split (pooled per example), and for
-    classification the same per class and the per-class test accuracy, as JSON cells."""
-    test = prep.splits.test
-    if not isinstance(test, Split):  # a task's own loader: its examples in order, as tensors
-        test = Split.from_batches(iterate(as_loader(test, batch_size, shuffle=False), batch_size))
+    classification the same per class and the per-class test and validation accuracy (the
+    report chooses classes on validation and scores them on test), as JSON cells."""
+    def as_split(data):  # a task's own loader: its examples in order, as tensors
+        if isinstance(data, Split):
+            return data
+        return Split.from_batches(iterate(as_loader(data, batch_size, shuffle=False), batch_size))
+
+    test = as_split(prep.splits.test)
     row = {}
     if prep.student_layers and prep.teacher_layers:  # (a task may name no layers)
         if prep.setting not in teacher_test:
@@ -221,8 +225,9 @@ def representation(prep: Prepared, student, teacher_test: dict, batch_size: int)
                 mine, teacher_test[prep.setting], test.target).items()}
             row["cka_classes"] = json.dumps(cell)
     if prep.output == "classification":
-        accuracy = analysis.class_accuracy(predict(student, test, batch_size), test.target)
-        row["class_metric"] = json.dumps({c: round(v, 6) for c, v in accuracy.items()})
+        for column, split in (("class_metric", test), ("class_metric_val", as_split(prep.splits.val))):
+            accuracy = analysis.class_accuracy(predict(student, split, batch_size), split.target)
+            row[column] = json.dumps({c: round(v, 6) for c, v in accuracy.items()})
     return row
 
 

@@ -33,7 +33,8 @@ from talkingmodels.io import atomic_write_text
 
 RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_value",
                   "teacher_value", "best_epoch", "epochs", "seconds", "extra_params", "method_name",
-                  "status", "cka", "cka_classes", "class_metric", "peak_gib", "higher_is_better",
+                  "status", "cka", "cka_classes", "class_metric", "class_metric_val", "peak_gib",
+                  "higher_is_better",
                   "class_names"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
 RESULTS, CURVES, TASKS = "results.csv", "curves.csv.gz", "tasks.json"

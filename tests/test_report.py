@@ -106,29 +106,34 @@ def test_ablation_only_setting_stays_out_of_the_tables_across_methods(tmp_path):
 
 
 def test_undistillable_classes_by_hand():
-    """Classes whose accuracy logit-kd lowers against scratch (mean over seeds), and each
-    method's mean gain in points and CKA on them and on the others."""
+    """Classes whose *validation* accuracy logit-kd lowers against scratch (mean over seeds),
+    and each method's mean *test* accuracy gain in points and CKA on them and on the others.
+    Here validation picks class 1, where the test split would have picked 0 and 2."""
     import json
 
     from talkingmodels.report import undistillable_table
 
-    def run(method, seed, accuracy, cka):
+    def run(method, seed, accuracy, cka, val):
         return {"method": method, "seed": seed, "class_metric": json.dumps(accuracy),
-                "cka_classes": json.dumps(cka)}
+                "cka_classes": json.dumps(cka), "class_metric_val": json.dumps(val)}
 
+    val_scratch, val_kd = {"0": 0.5, "1": 0.8, "2": 0.5}, {"0": 0.6, "1": 0.7, "2": 0.5}
     runs = pd.DataFrame([
-        run("scratch", 0, {"0": 0.8, "1": 0.6, "2": 0.5}, {"0": 0.5, "1": 0.5, "2": 0.5}),
-        run("scratch", 1, {"0": 0.8, "1": 0.6, "2": 0.7}, {"0": 0.5, "1": 0.5, "2": 0.5}),
-        # logit-kd: class 0 -0.1, class 1 +0.1, class 2 -0.05 (mean over the two seeds)
-        run("logit-kd", 0, {"0": 0.7, "1": 0.7, "2": 0.5}, {"0": 0.6, "1": 0.7, "2": 0.8}),
-        run("logit-kd", 1, {"0": 0.7, "1": 0.7, "2": 0.6}, {"0": 0.6, "1": 0.7, "2": 0.8}),
-        run("td", 0, {"0": 0.9, "1": 0.6, "2": 0.8}, {"0": 0.9, "1": 0.3, "2": 0.7}),
-        run("td", 1, {"0": 0.9, "1": 0.6, "2": 0.8}, {"0": 0.9, "1": 0.3, "2": 0.7})])
+        run("scratch", 0, {"0": 0.8, "1": 0.6, "2": 0.5}, {"0": 0.5, "1": 0.5, "2": 0.5}, val_scratch),
+        run("scratch", 1, {"0": 0.8, "1": 0.6, "2": 0.7}, {"0": 0.5, "1": 0.5, "2": 0.5}, val_scratch),
+        # logit-kd on test: class 0 -0.1, class 1 +0.1, class 2 -0.05 (mean over the two seeds)
+        run("logit-kd", 0, {"0": 0.7, "1": 0.7, "2": 0.5}, {"0": 0.6, "1": 0.7, "2": 0.8}, val_kd),
+        run("logit-kd", 1, {"0": 0.7, "1": 0.7, "2": 0.6}, {"0": 0.6, "1": 0.7, "2": 0.8}, val_kd),
+        run("td", 0, {"0": 0.9, "1": 0.6, "2": 0.8}, {"0": 0.9, "1": 0.3, "2": 0.7}, val_kd),
+        run("td", 1, {"0": 0.9, "1": 0.6, "2": 0.8}, {"0": 0.9, "1": 0.3, "2": 0.7}, val_kd)])
     text = "\n".join(undistillable_table(runs, "toy"))
-    assert "(logit-kd's per-class test accuracy below scratch's): 0, 2." in text
-    # td on classes 0 and 2: gains +0.1 and +0.2 -> +15 points; on class 1: 0; CKA 0.8 and 0.3
-    assert "| td | +15.00 | +0.00 | 0.800 | 0.300 |" in text
-    assert "| logit-kd | -7.50 | +10.00 | 0.700 | 0.700 |" in text
+    assert "(logit-kd's per-class validation accuracy below scratch's): 1." in text
+    # td on class 1: test gain 0; on classes 0 and 2: +0.1 and +0.2 -> +15 points; CKA 0.3, 0.8
+    assert "| td | +0.00 | +15.00 | 0.300 | 0.800 |" in text
+    assert "| logit-kd | +10.00 | -7.50 | 0.700 | 0.700 |" in text
+    # a store without per-class validation accuracy: no table chosen on the test split
+    old = undistillable_table(runs.drop(columns="class_metric_val"), "toy")
+    assert len(old) == 2 and "not shown" in old[0] and "validation" in old[0]
 
 
 def test_compute_table_by_hand():

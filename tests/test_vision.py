@@ -184,3 +184,18 @@ def test_the_probe_is_fitted_on_training_images_only(tmp_path, monkeypatch):
         images = splits.train.student_inputs[0]
         teacher = prepared.teacher
         assert torch.allclose(train, teacher.backbone.features(teacher.prep(images)), atol=1e-5)
+
+
+def test_a_run_records_per_class_test_and_validation_accuracy(prepared):
+    """The report chooses "undistillable" classes on validation and scores them on test: a
+    run's row carries both per-class accuracies."""
+    import json
+
+    from talkingmodels.analysis import class_accuracy
+    from talkingmodels.engine import predict
+
+    student = prepared.build_student().eval()
+    row = runner.representation(prepared, student, {}, batch_size=64)
+    for column, split in (("class_metric", prepared.splits.test), ("class_metric_val", prepared.splits.val)):
+        expected = class_accuracy(predict(student, split), split.target)
+        assert json.loads(row[column]) == {str(c): round(v, 6) for c, v in expected.items()}

@@ -96,8 +96,11 @@ def _train_options(args) -> dict:
 
 
 def _store_options(args) -> dict:
+    # bench without --jobs picks for its task (one job a core where the models are tiny);
+    # run keeps one job unless told, as a config names its own grid
+    jobs = args.jobs if args.jobs is not None else (None if args.command == "bench" else 1)
     return {"force": args.force, "resume": args.resume, "tensorboard": args.tensorboard,
-            "jobs": args.jobs, "threads": args.threads}
+            "jobs": jobs, "threads": args.threads}
 
 
 def _finish(report: Path, start: float, peak: float) -> None:
@@ -149,8 +152,9 @@ def _add_store_arguments(parser: Parser) -> None:
                         help="continue runs that were interrupted (from their checkpoints)")
     parser.add_argument("--force", action="store_true",
                         help="start over: delete the results, students and checkpoints first")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="train independent runs in N worker processes (default 1)")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="train independent runs in N worker processes (default 1; bench: as many "
+                        "as cores, one thread each, for tasks whose models are tiny (MovieLens))")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads per run (default: all cores, shared out among the jobs)")
     parser.add_argument("--tensorboard", type=Path, metavar="DIR",

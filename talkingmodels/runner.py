@@ -89,7 +89,7 @@ def _check_output(out: Path) -> None:
 
 
 def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True,
-                   resume: bool = False, tensorboard: Path | None = None, jobs: int = 1,
+                   resume: bool = False, tensorboard: Path | None = None, jobs: int | None = 1,
                    threads: int | None = None) -> Path:
     """Run every (setting, method, seed) not yet in ``out/results.csv``; then the report.
 
@@ -97,8 +97,15 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     folder for TensorBoard logs of every loss term per step and per epoch. ``jobs`` > 1
     trains independent runs in that many worker processes, each with ``threads`` threads
     (default: the cores shared out); this process alone writes the store, in the grid's
-    order, so the store is the one a serial run with as many threads writes.
+    order, so the store is the one a serial run with as many threads writes. ``jobs=None``
+    picks for the task: for tasks whose models are tiny (``Task.tiny_models``) as many jobs
+    as cores, one thread each (a tiny model gains nothing from a second thread, and spread
+    over every core each run stalls whenever another process is busy); else one job.
     """
+    if jobs is None:
+        tiny = getattr(exp.task, "tiny_models", False) and not distributed.launched()
+        jobs = (os.cpu_count() or 1) if tiny else 1
+        threads = 1 if tiny and threads is None else threads
     if jobs < 1 or (threads is not None and threads < 1):
         raise UserError(f"--jobs and --threads must be at least 1 (got {jobs} and {threads})")
     if jobs > 1 and distributed.launched():
@@ -145,8 +152,8 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
     try:
-        if jobs > 1:
-            outcomes = _in_workers(exp, grid, out, tensorboard, jobs, threads)
+        if min(jobs, len(grid)) > 1:
+            outcomes = _in_workers(exp, grid, out, tensorboard, min(jobs, len(grid)), threads)
         else:
             teacher_test: dict[str, object] = {}  # per setting: the teacher's pooled test states
             outcomes = (_run_one(exp, prepared[s], label, cls, options, seed, out, tensorboard,

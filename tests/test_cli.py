@@ -321,3 +321,29 @@ def test_jobs_write_the_store_a_serial_run_writes(config, tmp_path, capsys):
         assert all(torch.equal(one[k], two[k]) for k in one)
     code, _, err = call(capsys, "run", path, "--out", tmp_path / "x", "--jobs", "0")
     assert code == 2 and "--jobs" in err
+
+
+class _Workers(Exception):
+    """Raised instead of starting worker processes: how many, with how many threads."""
+
+
+def test_bench_defaults_to_a_job_per_core_with_one_thread_on_tiny_models(
+        config, tmp_path, monkeypatch, capsys):
+    def record(exp, grid, out, tensorboard, jobs, threads):
+        raise _Workers(jobs, threads)
+
+    monkeypatch.setattr(runner, "_in_workers", record)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # (this process keeps its own)
+    data = config["task_options"]["data_dir"]
+    argv = ["bench", "movielens", "--settings", "dense", "--methods", "scratch,td,logit-kd",
+            "--seeds", "2", "--epochs", "1", "--data-dir", data, "--out", tmp_path / "bench"]
+    with pytest.raises(_Workers) as raised:
+        cli.main([str(a) for a in argv])
+    assert raised.value.args == (4, 1)  # 6 runs, 4 cores: 4 jobs of 1 thread
+    with pytest.raises(_Workers) as raised:  # given values win
+        cli.main([str(a) for a in [*argv, "--jobs", "3", "--threads", "2", "--force"]])
+    assert raised.value.args == (3, 2)
+    # run (a config's own grid) keeps one job unless told
+    path = write(tmp_path / "exp.yaml", {**config, "train": {"epochs": 1}})
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "run")]) == 0

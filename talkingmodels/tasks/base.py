@@ -65,6 +65,8 @@ class Task:
     default_settings: ClassVar[tuple[str, ...]]
     default_train: ClassVar[dict] = {}  # TrainConfig values for this task's students
     setting_train: ClassVar[dict[str, dict]] = {}  # ... and per setting, where they differ
+    # Runs of tiny models: a grid defaults to one run per core, one thread each.
+    tiny_models: ClassVar[bool] = False
     # The bench grid: label -> method options (the paper's baselines and TD by default).
     default_methods: ClassVar[dict[str, dict]] = {
         "scratch": {}, "logit-kd": {}, "feature-kd": {}, "fitnet": {}, "hybrid": {}, "td": {}}

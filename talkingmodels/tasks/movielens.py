@@ -174,6 +174,7 @@ class MovieLens(Task):
     metric = losses.RMSE
     output = "regression"
     default_settings = ("dense", "sparse")
+    tiny_models = True  # MLPs of a few thousand weights: one thread each, a run per core
     default_train = {"epochs": 200, "batch_size": 256, "lr": 1e-3, "patience": 10}
     # The relational baselines' full cost is hundreds of times a step of this tiny student
     # (rkd's n^3 triplets, crd's 256 x 4096 gathered bank rows): their cheaper variants.

@@ -221,3 +221,28 @@ def test_ablation_table_holm_over_the_variants_by_hand():
     assert lines["td-rounds-0"][4:8] == ["-0.1000", "0.013", "0.039*", "0/3"]
     assert lines["td-no-mc"][4:8] == ["-0.0600", "0.035", "0.070", "0/3"]
     assert lines["td-no-kd"][4:8] == ["+0.0000", "1.000", "1.000", "1/3"]
+
+
+def test_a_tuning_store_shows_validation_only_and_ties_go_to_the_first_named():
+    """Tuning seeds (100 and up): the block shows each option's validation metric and the
+    rule's choice, never a test number. pkt-3000 and pkt-300 tie on validation (to 4
+    decimals): the one named first in the config is chosen, whatever the test split says."""
+    from talkingmodels.report import is_tuning, tuning_table
+
+    def option(label, name, val, test):
+        return [{**row, "method_name": name, "val_value": v, "value": t, "metric": "accuracy",
+                 "higher_is_better": True}
+                for row, v, t in zip(rows(label, [0.0] * 3), val, test, strict=True)]
+
+    results = pd.DataFrame(option("scratch", "scratch", [0.80, 0.80, 0.80], [0.7, 0.7, 0.7])
+                           + option("pkt-3000", "pkt", [0.85, 0.86, 0.87], [0.10, 0.10, 0.10])
+                           + option("pkt-300", "pkt", [0.86, 0.86, 0.86], [0.99, 0.99, 0.99])
+                           + option("pkt-30", "pkt", [0.84, 0.84, 0.84], [0.98, 0.98, 0.98]))
+    results["seed"] = [100, 101, 102] * 4
+    assert is_tuning(results) and not is_tuning(results.assign(seed=[0, 1, 2] * 4))
+    lines = tuning_table(results).splitlines()
+    assert lines[0] == "| option | dense: val accuracy |"
+    assert lines[2] == "| scratch | 0.8000 ± 0.0000 |"  # a reference, not a choice
+    assert lines[3] == "| pkt-3000 | 0.8600 ± 0.0100 (chosen) |"
+    assert lines[4] == "| pkt-300 | 0.8600 ± 0.0000 |"
+    assert not any(test in " ".join(lines) for test in ("0.99", "0.98", "0.10", "0.70"))

@@ -27,10 +27,12 @@ from talkingmodels.report.tables import (
     ablation_table,
     compute_table,
     gains_table,
+    is_tuning,
     markdown_table,
     overview_table,
     paired_table,
     significance_line,
+    tuning_table,
     undistillable_table,
     versus_table,
 )
@@ -38,9 +40,9 @@ from talkingmodels.store import machines_text, read_curves, read_results
 
 __all__ = ["README_END", "README_START", "REFERENCE", "STUDY", "Study", "ablation_overview", "ablation_table",
            "best_other", "cka_section", "compared", "compute_table", "forest_plot", "forest_rows",
-           "gains_table", "markdown_table", "overview_table", "paired_table", "plot_curves",
+           "gains_table", "is_tuning", "markdown_table", "overview_table", "paired_table", "plot_curves",
            "readme_block", "readme_markers", "relative_gain", "significance_line", "summarise",
-           "undistillable_table", "update_readme", "versus_table", "without_variants",
+           "tuning_table", "undistillable_table", "update_readme", "versus_table", "without_variants",
            "write_report"]
 
 

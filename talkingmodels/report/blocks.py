@@ -10,8 +10,10 @@ from talkingmodels.report.tables import (
     ablation_overview,
     compute_table,
     gains_table,
+    is_tuning,
     overview_table,
     significance_line,
+    tuning_table,
     undistillable_table,
     versus_table,
 )
@@ -35,6 +37,12 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
     setting TD's paired comparison with the best other method. Generated, so the doc
     never carries a number typed by hand."""
     results = read_results(out)
+    if is_tuning(results):  # validation only: a tuning table never shows a test number
+        return "\n".join([
+            f"Tuning runs (seeds {', '.join(map(str, sorted(set(results.seed))))}), validation only; "
+            "per method the option with the best mean validation metric is chosen, ties (to 4 "
+            "decimals) going to the one named first in the config:", "", tuning_table(results),
+            "", f"Runs in this store. {machines_text(out)}"])
     summary = summarise(results, study)
     methods = compared(summary, study)
     lines = []

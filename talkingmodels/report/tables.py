@@ -294,6 +294,47 @@ def undistillable_table(runs: pd.DataFrame, setting: str, study: Study = STUDY) 
     return [*lines, ""]
 
 
+TUNING_SEEDS = 100  # seeds from here on tune options; the benchmark's seeds are below
+
+
+def is_tuning(results: pd.DataFrame) -> bool:
+    """Whether a store holds tuning runs only (every seed a tuning seed)."""
+    return bool((results.seed >= TUNING_SEEDS).all())
+
+
+def tuning_table(results: pd.DataFrame) -> str:
+    """A tuning store's choice, on validation only (no test number is shown, so none can
+    sway it): each option's mean validation metric (± std over the tuning seeds) per
+    setting, and, per method, the option the rule fixed in advance picks: the best mean
+    validation metric, ties (equal to 4 decimals) going to the option named first in the
+    config."""
+    runs = results[~_na_runs(results)]
+    settings = list(dict.fromkeys(runs.setting))
+    metric = runs.metric.iloc[0]
+    higher = _higher(runs)
+    stats = runs.groupby(["setting", "method"], sort=False).val_value.agg(["mean", "std"])
+    chosen = set()
+    for (setting, _), group in runs.groupby(["setting", "method_name"], sort=False):
+        means = {m: round(float(stats.loc[(setting, m), "mean"]), 4) for m in dict.fromkeys(group.method)}
+        if len(means) < 2:  # a reference (scratch), not a choice
+            continue
+        best = max(means.values()) if higher else min(means.values())
+        chosen.add((setting, next(m for m, v in means.items() if v == best)))
+    lines = ["| option | " + " | ".join(f"{s}: val {metric}" for s in settings) + " |",
+             "|---" * (len(settings) + 1) + "|"]
+    for method in dict.fromkeys(runs.method):
+        cells = []
+        for setting in settings:
+            if (setting, method) not in stats.index:
+                cells.append("n/a")
+                continue
+            mean, std = stats.loc[(setting, method)]
+            mark = " (chosen)" if (setting, method) in chosen else ""
+            cells.append(f"{mean:.4f} ± {0.0 if pd.isna(std) else std:.4f}{mark}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"

@@ -141,8 +141,10 @@ class Batch:
         """The examples ``index`` (a slice or an index tensor) of the batch, every per-example
         tensor (inputs, target, cached teacher rows, lengths) cut alike."""
 
-        def take(x):
-            return x[index] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+        def take(x):  # (an index on the GPU still cuts the CPU-side index of the rows)
+            if not isinstance(x, torch.Tensor) or x.dim() == 0:
+                return x
+            return x[index.to(x.device) if isinstance(index, torch.Tensor) else index]
 
         return replace(
             self, student_inputs=tuple(take(x) for x in self.student_inputs),

@@ -60,7 +60,7 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
     methods = compared(summary, study)
     if forest_plot(results, Path(out) / "forest.png", study) is not None:
         lines += ["![gain over scratch with 95% intervals](forest.png)", ""]
-    if len(methods.groupby(["task", "setting"])) > 1:
+    if len(methods.groupby(["task", "setting"])) > 1 and methods.method.nunique() > 1:
         lines += ["## Relative improvement over scratch, every setting", "",
                   "Mean test metric against scratch's, in percent (positive = better); the average "
                   "is over the settings where the method applies (their count in brackets).", "",

@@ -8,6 +8,7 @@ from talkingmodels.errors import UserError
 from talkingmodels.report.statistics import STUDY, Study, compared, summarise, without_variants
 from talkingmodels.report.tables import (
     ablation_overview,
+    ablation_table,
     compute_table,
     gains_table,
     is_tuning,
@@ -58,7 +59,7 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
             lines += undistillable_table(
                 without_variants(results[(results.task == task) & (results.setting == setting)], study),
                 setting, study)
-    if len(methods.groupby(["task", "setting"])) > 1:
+    if len(methods.groupby(["task", "setting"])) > 1 and methods.method.nunique() > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
         if study.focus in set(methods.method):
@@ -68,6 +69,12 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
     if ablations := ablation_overview(summary, study):
         lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]
+        if methods.method.nunique() == 1:  # a store of the focus's variants only: their tests too
+            for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
+                runs = results[(results.task == task) & (results.setting == setting)]
+                lines += [f"{task} / {setting}, paired by seed against the default {study.name} "
+                          "(p Holm-adjusted over the setting's variants; * below 0.05):", "",
+                          ablation_table(group, runs, study), ""]
     if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)
         lines += [f"Runs in this store. {machines_text(out)}", "", compute_table(results), ""]
     return "\n".join(lines).rstrip("\n")

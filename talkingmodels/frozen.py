@@ -42,6 +42,39 @@ def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -
     return result
 
 
+@torch.no_grad()
+def _compute(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...],
+             features: Callable[..., torch.Tensor], batch_size: int, lengths: torch.Tensor | None,
+             cast: torch.dtype) -> dict[str, torch.Tensor]:
+    """The states to store, computed batch by batch straight into their final tensors
+    (packed and cast as they come): the padded float32 states of a whole split never exist
+    at once, so building a cache costs little more memory than the cache itself."""
+    n, stored = len(inputs[0]), {}
+    packed = lengths is not None
+    if packed:
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    teacher.eval()
+    for start in range(0, n, batch_size):
+        batch = tuple(x[start: start + batch_size] for x in inputs)
+        with taps.capture(teacher, layers) as states:
+            states["features"] = features(*batch)
+        for name in (*layers, "features"):
+            value = states[name].cpu()
+            tokens = packed and name != "features" and value.dim() == 3
+            if tokens:  # this batch's real tokens, in the packed order
+                value = value[torch.arange(value.shape[1]) < lengths[start: start + len(value), None]]
+            if name not in stored:  # allocated once, at its final size and dtype
+                rows = int(offsets[-1]) if tokens else n
+                dtype = value.dtype if name == "features" else cast
+                stored[name] = torch.empty((rows, *value.shape[1:]), dtype=dtype)
+                if tokens:
+                    stored["lengths"], stored["width"] = lengths.clone(), torch.tensor(batch[0].shape[1])
+            where = (slice(int(offsets[start]), int(offsets[start + len(batch[0])])) if tokens
+                     else slice(start, start + len(batch[0])))
+            stored[name][where] = value
+    return stored
+
+
 def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...],
                   layers: tuple[str, ...], features: Callable[..., torch.Tensor], what: str = "",
                   batch_size: int = 250, lengths: torch.Tensor | None = None,
@@ -63,16 +96,7 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
         except Exception as exc:
             print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
     print(f"computing the teacher's states on {n} {what} examples (cached afterwards)", file=sys.stderr)
-    batches = (tuple(x[start: start + batch_size] for x in inputs) for start in range(0, n, batch_size))
-    result = taps.collect(teacher, layers, batches, lambda batch: features(*batch), "features")
-    stored = {"features": result["features"]}
-    for layer in layers:
-        state = result.pop(layer)
-        if lengths is not None and state.dim() == 3:
-            packed = TokenStates.pack(state, lengths)
-            state = packed.values
-            stored.update(lengths=lengths.clone(), width=torch.tensor(packed.width))
-        stored[layer] = state.to(cast)
+    stored = _compute(teacher, inputs, layers, features, batch_size, lengths, cast)
     atomic_save(stored, path)
     return _states(torch.load(path, mmap=True, weights_only=True), layers, n, cast)
 

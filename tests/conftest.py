@@ -138,3 +138,20 @@ def train_one_epoch(prepared, name: str, metric, batch_size: int):
     after, trained = prepared.teacher.state_dict(), dict(method.student.named_parameters())
     moved = all(not torch.equal(v, trained[k]) for k, v in initial.items())
     return result, all(torch.equal(v, after[k]) for k, v in before.items()), moved
+
+
+@pytest.fixture
+def probe_fits(monkeypatch) -> list[tuple]:
+    """Every call of the frozen teacher's probe fit: (train features, train labels, val
+    features, val labels)."""
+    from talkingmodels import frozen
+
+    calls = []
+    fit = frozen.fit_probe
+
+    def recorded(train, train_y, val, val_y, classes=10):
+        calls.append((train, train_y, val, val_y))
+        return fit(train, train_y, val, val_y, classes=classes)
+
+    monkeypatch.setattr(frozen, "fit_probe", recorded)
+    return calls

@@ -368,21 +368,11 @@ def test_no_sentence_is_in_training_and_in_validation_or_test(tmp_path, encoder)
     assert kept == ["Great film!", "Awful."] and labels.tolist() == [1, 0]  # the first one stays
 
 
-def test_the_probe_is_fitted_on_training_sentences_only(tmp_path, encoder, monkeypatch):
+def test_the_probe_is_fitted_on_training_sentences_only(tmp_path, encoder, probe_fits):
     """The teacher's linear probe sees the training split's features and labels only; its
     strength is chosen on validation; the test split is never given to it."""
-    from talkingmodels import frozen
-
-    calls = []
-    fit = frozen.fit_probe
-
-    def recorded(train, train_y, val, val_y, classes=10):
-        calls.append((train, train_y, val, val_y))
-        return fit(train, train_y, val, val_y, classes=classes)
-
-    monkeypatch.setattr(frozen, "fit_probe", recorded)
     prepared = task(tmp_path, encoder, limit=60).prepare("tweets")
-    ((train, train_y, val, val_y),) = calls
+    ((train, train_y, val, val_y),) = probe_fits
     splits = prepared.splits
     assert torch.equal(train_y, splits.train.target) and len(train) == len(splits.train)
     assert torch.equal(val_y, splits.val.target) and len(val) == len(splits.val)

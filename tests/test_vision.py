@@ -162,21 +162,11 @@ def test_td_learns_on_fashion(tmp_path):
     assert result.test > 0.6  # chance is 0.1
 
 
-def test_the_probe_is_fitted_on_training_images_only(tmp_path, monkeypatch):
+def test_the_probe_is_fitted_on_training_images_only(tmp_path, probe_fits):
     """The teacher's probe sees the training split's features and labels only (its strength
     chosen on validation); the test images are never given to it."""
-    from talkingmodels import frozen
-
-    calls = []
-    fit = frozen.fit_probe
-
-    def recorded(train, train_y, val, val_y, classes=10):
-        calls.append((train, train_y, val, val_y))
-        return fit(train, train_y, val, val_y, classes=classes)
-
-    monkeypatch.setattr(frozen, "fit_probe", recorded)
     prepared = task(tmp_path).prepare("fashion-64")
-    ((train, train_y, val, val_y),) = calls
+    ((train, train_y, val, val_y),) = probe_fits
     splits = prepared.splits
     assert torch.equal(train_y, splits.train.target) and len(train) == len(splits.train)
     assert torch.equal(val_y, splits.val.target) and len(val) == len(splits.val)

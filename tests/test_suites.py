@@ -122,9 +122,9 @@ def test_a_tasks_method_options_apply_under_the_configs_own():
     assert crd.shared_negatives and crd.nce_k == 1024
     assert options("movielens", {"name": "rkd"}).angle_examples == 64
     assert options("vision", {"name": "rkd"}).angle_examples is None
-    rkd = options("text", {"name": "rkd"})  # weights chosen on text's tuning seed
-    assert (rkd.distance_weight, rkd.angle_weight) == (5.0, 10.0)
-    assert options("text", {"name": "pkt"}).pkt_weight == 3000.0
+    rkd = options("text", {"name": "rkd"})  # weights chosen on text's tuning seeds
+    assert (rkd.distance_weight, rkd.angle_weight) == (1.0, 2.0)
+    assert options("text", {"name": "pkt"}).pkt_weight == 300.0
     assert options("vision", {"name": "pkt"}).pkt_weight == 30000.0  # the paper's elsewhere
 
 

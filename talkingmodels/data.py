@@ -56,12 +56,6 @@ class TokenStates:
         self.values, self.lengths, self.width = values, lengths, int(width)
         self.offsets = lengths.cumsum(0) - lengths
 
-    @classmethod
-    def pack(cls, states: torch.Tensor, lengths: torch.Tensor) -> TokenStates:
-        """The real tokens of right-padded ``states`` (sentences, width, dim)."""
-        real = torch.arange(states.shape[1]) < lengths[:, None]
-        return cls(states[real], lengths, states.shape[1])
-
     def __len__(self) -> int:
         return len(self.lengths)
 

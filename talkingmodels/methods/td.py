@@ -128,13 +128,18 @@ class TalkingDistillation(Consistency, LogitKD):
         if self.config.interact_every > 1:
             # counts training steps; a buffer, so that a checkpoint resumes the cadence
             self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
+        self._step = None  # (read from steps_trained at the first step)
 
     def _interacts_now(self) -> bool:
-        """Whether this training step runs the interaction (``interact_every``)."""
+        """Whether this training step runs the interaction (``interact_every``). The count is
+        read from the buffer once (it may come from a checkpoint), then kept in Python too:
+        no device sync per step."""
         if self.config.interact_every == 1:
             return True
-        step = int(self.steps_trained)
-        self.steps_trained += 1
+        if self._step is None:
+            self._step = int(self.steps_trained)
+        step, self._step = self._step, self._step + 1
+        self.steps_trained.fill_(self._step)
         return step % self.config.interact_every == 0
 
     def _interaction_rows(self, size: int) -> torch.Tensor | None:

@@ -41,6 +41,10 @@ ABLATIONS: dict[str, dict] = {
     "td-dense": {"name": "td", "channel": "dense-relu-dense"},
     **{f"td-m{m}": {"name": "td", "message_dim": m} for m in (8, 32, 64)},
     **_weights(),
+    # diagnostics: is TD better than TD with a teacher that knows nothing, or with answers
+    # to other examples' questions? If not, its interaction carries no knowledge of the teacher.
+    "td-random-teacher": {"name": "td", "interpreter": "random"},
+    "td-shuffled-answers": {"name": "td", "answers": "shuffled"},
 }
 
 # TD's cheaper interactions (options of td, off by default) against the default TD and

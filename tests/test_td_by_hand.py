@@ -215,3 +215,29 @@ def test_consistency_gradients_reach_both_sides():
     assert float(method.student_side.decoder.outputs["h"].weight.grad) == pytest.approx(-5.0)
     assert float(method.student[1].weight.grad) == pytest.approx(2.5)
     assert all(p.grad is None for p in method.teacher.parameters())  # the teacher stays frozen
+
+
+def test_shuffled_answers_pair_each_example_with_the_next_examples_answer():
+    """answers: shuffled: s'_h = 3x = (3, 6) shifted by one example: (6, 3) against
+    s_h = (2, 4): ((6 - 2)^2 + (3 - 4)^2) / 2 = 8.5; every other term unchanged."""
+    assert terms(answers="shuffled") == pytest.approx(
+        {"task": 5.0, "kd": 2.5, "interact": 8.5, "mc": 0.625, "sc": 25.0})
+
+
+def test_random_interpreter_is_a_frozen_reinitialised_twin():
+    """interpreter: random interprets with the twin's layer "1" (weight w): t'_h = 2wx, the
+    answer 0.5 * 2wx = wx, s'_h = wx: L_interact = (w - 2)^2 * 2.5. The pre-trained teacher
+    still gives logit KD and L_MC; the twin never trains and is the same on every build."""
+    method, batch = build(interpreter="random")
+    w = float(method.random_teacher[1].weight)
+    assert w != 3.0 and float(method.teacher[1].weight) == 3.0
+    got = {k: float(v.detach()) for k, v in method.forward_train(batch)[1].items()}
+    assert got == pytest.approx({"task": 5.0, "kd": 2.5, "interact": (w - 2) ** 2 * 2.5,
+                                 "mc": 0.625, "sc": 25.0})
+    twin = {id(p) for p in method.random_teacher.parameters()}
+    assert not twin & {id(p) for p in method.learnable_parameters()}
+    assert all(not p.requires_grad for p in method.random_teacher.parameters())
+    assert "random_teacher" in method.frozen_modules()  # left out of checkpoints
+    assert method.extra_parameter_count() == build()[0].extra_parameter_count()
+    again, _ = build(interpreter="random")
+    assert float(again.random_teacher[1].weight) == w

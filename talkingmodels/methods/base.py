@@ -144,12 +144,13 @@ class Distiller(Supervised):
                             **{k: cast(v) for k, v in batch.teacher_kwargs.items()})
 
     def teacher_between(self, low: str, high: str | None, state: torch.Tensor,
-                        batch: Batch) -> torch.Tensor:
+                        batch: Batch, teacher: nn.Module | None = None) -> torch.Tensor:
         """The teacher's own layers after ``low`` up to ``high`` (None: its output) run on
-        ``state`` (:func:`taps.run_between`), in the teacher's dtype; float32 out."""
+        ``state`` (:func:`taps.run_between`), in the teacher's dtype; float32 out. ``teacher``:
+        another model of the teacher's architecture in its place (a diagnostic's twin)."""
         state = state.to(self._teacher_dtype())
-        return _as_float(taps.run_between(self.teacher, low, high, state, *batch.teacher_inputs,
-                                          **batch.teacher_kwargs))
+        return _as_float(taps.run_between(self.teacher if teacher is None else teacher, low, high, state,
+                                          *batch.teacher_inputs, **batch.teacher_kwargs))
 
     def teacher_states(self, batch: Batch, layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """Teacher states at ``layers`` and its prediction under key ``"output"`` (float32).

@@ -13,6 +13,7 @@ Objective: ``L_task + w0 L_kd + w1 L_interact + w2 L_MC + w3 L_SC`` plus two opt
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -79,6 +80,15 @@ class TDConfig(LogitKDConfig, ChannelConfig):
     interact_precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="(ours) bf16: the teacher's layers l -> h run under bfloat16 "
         "autocast in the interaction (the rest of the step keeps its precision)")
+    # Diagnostics (ours): does the exchange carry what this teacher knows? Each breaks one
+    # link and keeps everything else; if TD is no better than a diagnostic, it does not.
+    interpreter: Literal["teacher", "random"] = Field(
+        "teacher", description="(diagnostic) random: the question is interpreted by a frozen copy "
+        "of the teacher re-initialised (each layer's PyTorch default initialisation, seeded by "
+        "the run); logit KD, t_l and t_h still come from the pre-trained teacher")
+    answers: Literal["matched", "shuffled"] = Field(
+        "matched", description="(diagnostic) shuffled: each example receives the answer to the "
+        "next example's question in its batch (a cyclic shift: never its own)")
 
 
 class Consistency:
@@ -125,10 +135,34 @@ class TalkingDistillation(Consistency, LogitKD):
 
     def build(self, batch: Batch) -> None:
         super().build(batch)
+        if self.config.interpreter == "random":
+            self.random_teacher = _reinitialised(self.teacher)
         if self.config.interact_every > 1:
             # counts training steps; a buffer, so that a checkpoint resumes the cadence
             self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
         self._step = None  # (read from steps_trained at the first step)
+
+    # The diagnostic's twin (interpreter: random, built with the method) is frozen like the
+    # teacher: never trained, left out of checkpoints and of the parameter count.
+    def frozen_modules(self):
+        frozen = super().frozen_modules()
+        if (twin := self._modules.get("random_teacher")) is not None:
+            frozen["random_teacher"] = twin
+        return frozen
+
+    def learnable_parameters(self):
+        twin = {id(p) for p in self.frozen_modules().get("random_teacher", torch.nn.Module()).parameters()}
+        return [p for p in super().learnable_parameters() if id(p) not in twin]
+
+    def extra_parameter_count(self) -> int:
+        twin = self.frozen_modules().get("random_teacher", torch.nn.Module())
+        return super().extra_parameter_count() - sum(p.numel() for p in twin.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if (twin := self._modules.get("random_teacher")) is not None:
+            twin.eval()
+        return self
 
     def _interacts_now(self) -> bool:
         """Whether this training step runs the interaction (``interact_every``). The count is
@@ -156,6 +190,8 @@ class TalkingDistillation(Consistency, LogitKD):
             heard = t_l + heard
         with torch.autocast(heard.device.type, torch.bfloat16,
                             enabled=self.config.interact_precision == "bf16"):
+            if self.config.interpreter == "random":
+                return self.teacher_between(t_low, t_high, heard, batch, self.random_teacher)
             return self.teacher_between(t_low, t_high, heard, batch)
 
     def forward_train(self, batch: Batch):
@@ -195,6 +231,8 @@ class TalkingDistillation(Consistency, LogitKD):
             # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
             question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
             t_high_answer = self.interpret(question, t_l, batch)
+            if cfg.answers == "shuffled":  # example i hears the answer to question i + 1
+                t_high_answer = t_high_answer.roll(-1, 0)
             s_high_answer = D_S(to_grid(E_T(t_high_answer, "h"), s_h), "h")
             target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
             answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
@@ -216,3 +254,19 @@ class TalkingDistillation(Consistency, LogitKD):
             terms["answer_task"] = cfg.answer_task * self.pair.task_loss(
                 answer_prediction, batch.target)
         return terms
+
+
+def _reinitialised(teacher: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``teacher`` with every layer re-initialised (its own
+    ``reset_parameters``: PyTorch's default initialisation, normalisation statistics reset).
+    The global random stream is forked and seeded from the run's seed, so the copy is the
+    same on every run of a seed and the rest of the run draws the numbers it would without it."""
+    twin = copy.deepcopy(teacher)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed())
+        for module in twin.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+            if callable(getattr(module, "reset_running_stats", None)):
+                module.reset_running_stats()
+    return twin.requires_grad_(False).eval()

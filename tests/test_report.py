@@ -246,3 +246,46 @@ def test_a_tuning_store_shows_validation_only_and_ties_go_to_the_first_named():
     assert lines[3] == "| pkt-3000 | 0.8600 ± 0.0100 (chosen) |"
     assert lines[4] == "| pkt-300 | 0.8600 ± 0.0000 |"
     assert not any(test in " ".join(lines) for test in ("0.99", "0.98", "0.10", "0.70"))
+
+
+def test_gap_table_by_hand():
+    """RMSE: scratch 1.0, teacher 0.9, a gap of 0.1. td's mean 0.95 closes half of it,
+    fitnet's 1.02 is 20% of the gap worse than scratch; a setting where the teacher is worse
+    than scratch (teacher 1.1) has no column."""
+    from talkingmodels.report import gap_table
+
+    sparse = [{**row, "setting": "sparse", "teacher_value": 1.1}
+              for row in rows("scratch", [1.0, 1.0]) + rows("td", [0.9, 0.9])]
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0]) + rows("td", [0.94, 0.96])
+                           + rows("fitnet", [1.02, 1.02]) + sparse)
+    table = gap_table(summarise(results))
+    assert table.splitlines()[0] == "| method | movielens / dense |"
+    assert "| td | +50% |" in table and "| fitnet | -20% |" in table
+    assert "scratch" not in table
+
+
+def test_diagnostics_table_by_hand(tmp_path):
+    """TD against its diagnostics within the setting's ablation family: far better than no
+    interaction on every seed, no better than the re-initialised teacher: the interaction
+    does not carry the teacher's knowledge there; better than both: it does."""
+    from talkingmodels.report import diagnostics_table
+
+    td = [0.90, 0.91, 0.92, 0.90, 0.93]
+
+    def shifted(by, noise=(0.0, 0.001, -0.001, 0.002, 0.0)):
+        return [v + by + n for v, n in zip(td, noise, strict=True)]
+
+    results = pd.DataFrame(rows("scratch", [1.0] * 5) + rows("td", td)
+                           + rows("td-rounds-0", shifted(0.1)) + rows("td-random-teacher", shifted(0.0))
+                           + rows("td-shuffled-answers", shifted(0.05)))
+    table = diagnostics_table(summarise(results), results)
+    row = next(line for line in table.splitlines() if line.startswith("| movielens / dense |"))
+    assert "| 0.9120 | +0.1004 (0.000*) |" in row
+    assert row.endswith("| no: not significantly better than td-random-teacher |")
+    better = results.copy()
+    better.loc[better.method == "td-random-teacher", "value"] = shifted(0.08)
+    row = diagnostics_table(summarise(better), better).splitlines()[2]
+    assert row.endswith("| yes |")
+    assert diagnostics_table(summarise(results[~results.method.str.startswith("td-")]), results) == ""
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert "## Does the interaction carry the teacher's knowledge?" in write_report(tmp_path).read_text()

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from talkingmodels.report.blocks import README_END, README_START, readme_block, readme_markers, update_readme
+from talkingmodels.report.blocks import (
+    GAP_INTRO,
+    README_END,
+    README_START,
+    diagnostics_intro,
+    readme_block,
+    readme_markers,
+    update_readme,
+)
 from talkingmodels.report.plots import cka_section, forest_plot, plot_curves
 from talkingmodels.report.statistics import (
     REFERENCE,
@@ -26,7 +34,9 @@ from talkingmodels.report.tables import (
     ablation_overview,
     ablation_table,
     compute_table,
+    diagnostics_table,
     gains_table,
+    gap_table,
     is_tuning,
     markdown_table,
     overview_table,
@@ -38,12 +48,14 @@ from talkingmodels.report.tables import (
 )
 from talkingmodels.store import machines_text, read_curves, read_results
 
-__all__ = ["README_END", "README_START", "REFERENCE", "STUDY", "Study", "ablation_overview", "ablation_table",
-           "best_other", "cka_section", "compared", "compute_table", "forest_plot", "forest_rows",
-           "gains_table", "is_tuning", "markdown_table", "overview_table", "paired_table", "plot_curves",
-           "readme_block", "readme_markers", "relative_gain", "significance_line", "summarise",
-           "tuning_table", "undistillable_table", "update_readme", "versus_table", "without_variants",
-           "write_report"]
+__all__ = [
+    "GAP_INTRO", "README_END", "README_START", "REFERENCE", "STUDY", "Study", "ablation_overview",
+    "ablation_table", "best_other", "cka_section", "compared", "compute_table", "diagnostics_intro",
+    "diagnostics_table", "forest_plot", "forest_rows", "gains_table", "gap_table", "is_tuning",
+    "markdown_table", "overview_table", "paired_table", "plot_curves", "readme_block", "readme_markers",
+    "relative_gain", "significance_line", "summarise", "tuning_table", "undistillable_table",
+    "update_readme", "versus_table", "without_variants", "write_report",
+]
 
 
 def write_report(out: Path, study: Study = STUDY) -> Path:
@@ -65,6 +77,8 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
                   "Mean test metric against scratch's, in percent (positive = better); the average "
                   "is over the settings where the method applies (their count in brackets).", "",
                   gains_table(methods), ""]
+        if gaps := gap_table(methods, study):
+            lines += ["## Share of the scratch-to-teacher gap closed", "", GAP_INTRO, "", gaps, ""]
         if study.focus in set(methods.method):
             lines += [f"## {study.name} against every method, every setting", "",
                       "Paired by seed; better or worse where the paired t-test says so at 5% after "
@@ -77,6 +91,9 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
                   "(positive = the variant is better); details and paired tests (Holm-adjusted over "
                   "each setting's variants) under each setting.", "",
                   ablations, ""]
+        if diagnostics := diagnostics_table(summary, results, study):
+            lines += ["## Does the interaction carry the teacher's knowledge?", "",
+                      diagnostics_intro(study), "", diagnostics, ""]
     for task, group in methods.groupby("task", sort=False):
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]

@@ -10,7 +10,9 @@ from talkingmodels.report.tables import (
     ablation_overview,
     ablation_table,
     compute_table,
+    diagnostics_table,
     gains_table,
+    gap_table,
     is_tuning,
     overview_table,
     significance_line,
@@ -24,6 +26,18 @@ README_START = "<!-- results of {store} (generated: talkingmodels report {store}
 
 
 README_END = "<!-- end of results of {store} -->"
+
+
+GAP_INTRO = ("Share of the gap between scratch and the frozen teacher that each method closes, on "
+             "the settings where the teacher is better than scratch on test (100% = as good as the "
+             "teacher, above = better than it; negative = worse than scratch):")
+
+
+def diagnostics_intro(study: Study = STUDY) -> str:
+    return (f"Does the interaction carry the teacher's knowledge? {study.name} against its diagnostics, "
+            "paired by seed (difference positive = the default is better; p Holm-adjusted over the "
+            f"setting's ablation variants). It does only where {study.name} is significantly better "
+            "than both no interaction (td-rounds-0) and a re-initialised teacher (td-random-teacher):")
 
 
 def readme_markers(doc: str, store: str) -> tuple[str, str]:
@@ -62,6 +76,8 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
     if len(methods.groupby(["task", "setting"])) > 1 and methods.method.nunique() > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
+        if gaps := gap_table(methods, study):
+            lines += [GAP_INTRO, "", gaps, ""]
         if study.focus in set(methods.method):
             lines += [f"{study.name} against every method, paired by seed (paired t-test at 5%, Holm-"
                       "adjusted over each setting's comparisons; the p shown is the adjusted one; n.s.: "
@@ -69,6 +85,8 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
     if ablations := ablation_overview(summary, study):
         lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]
+        if diagnostics := diagnostics_table(summary, results, study):
+            lines += [diagnostics_intro(study), "", diagnostics, ""]
         if methods.method.nunique() == 1:  # a store of the focus's variants only: their tests too
             for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
                 runs = results[(results.task == task) & (results.setting == setting)]

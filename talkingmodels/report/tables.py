@@ -85,15 +85,12 @@ def _change(label: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in VARIANTS[label].items() if k != "name")
 
 
-def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
-    """The focus's ablation variants of one setting against its default, paired by seed:
-    what each changes, its test metric, gain over the reference, difference from the focus
-    (positive = the variant is better) with the paired t-test's p, raw and Holm-adjusted over
-    the table's variants (one family), and CKA with the teacher."""
+def _ablation_family(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY):
+    """One setting's ablation labels (reference, focus, variants that ran) and the focus
+    against each variant, paired by seed: one family, Holm-adjusted."""
     from talkingmodels.analysis import compare_family
 
     table = _values(results)
-    metric = summary.metric.iloc[0]
     focus, reference = study.focus, study.reference
     labels = [label for label in [reference, focus, *_variants(study)]
               if not summary[summary.method == label].empty
@@ -103,6 +100,17 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = 
               and label in table]
     family = (compare_family(table[focus], {label: table[label] for label in tested}, _higher(summary))
               if tested else {})
+    return labels, family
+
+
+def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
+    """The focus's ablation variants of one setting against its default, paired by seed:
+    what each changes, its test metric, gain over the reference, difference from the focus
+    (positive = the variant is better) with the paired t-test's p, raw and Holm-adjusted over
+    the table's variants (one family), and CKA with the teacher."""
+    metric = summary.metric.iloc[0]
+    focus, reference = study.focus, study.reference
+    labels, family = _ablation_family(summary, results, study)
     lines = [f"| variant | change from {focus} | test {metric} | gain vs {reference} | vs {focus} | "
              f"p (paired t) | p (Holm) | better than {focus} on | CKA at h |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -118,6 +126,70 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = 
         change = "(reference)" if label in (reference, focus) else _change(label)
         lines.append(f"| {label} | {change} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | "
                      + " | ".join(versus) + f" | {cka} |")
+    return "\n".join(lines)
+
+
+# The controls that say whether the exchange carries what the teacher knows: without them
+# (no interaction), with a teacher that knows nothing, with answers to other questions.
+DIAGNOSTICS = ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")
+
+
+def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
+    """Per ablated setting: the focus against each diagnostic (difference, positive = the
+    focus is better, with the Holm-adjusted p of the setting's ablation family) and the
+    verdict: the interaction carries this teacher's knowledge only where the focus is
+    significantly better than both no interaction and the re-initialised teacher. "" when no
+    setting ran a diagnostic."""
+    keys = [key for key, group in summary.groupby(["task", "setting"], sort=False)
+            if group.method.isin(DIAGNOSTICS[1:]).any()]
+    if not keys:
+        return ""
+    focus = study.focus
+    lines = [f"| setting | {focus} | " + " | ".join(f"{focus} - {d} (p Holm)" for d in DIAGNOSTICS)
+             + " | the interaction carries the teacher's knowledge |", "|---" * (len(DIAGNOSTICS) + 3) + "|"]
+    for task, setting in keys:
+        here = summary[(summary.task == task) & (summary.setting == setting)]
+        runs = results[(results.task == task) & (results.setting == setting)]
+        _, family = _ablation_family(here, runs, study)
+        mean = here[here.method == focus]["mean"]
+        cells = []
+        for label in DIAGNOSTICS:
+            c = family.get(label)
+            cells.append("not run" if c is None else f"{c['mean_diff']:+.4f} ({_p_text(c)})")
+        better = [label in family and family[label]["significant"] and family[label]["mean_diff"] > 0
+                  for label in DIAGNOSTICS[:2]]
+        verdict = "yes" if all(better) else "no: not significantly better than " + " nor ".join(
+            label for label, b in zip(DIAGNOSTICS[:2], better, strict=True) if not b)
+        lines.append(f"| {task} / {setting} | {mean.iloc[0]:.4f} | " + " | ".join(cells)
+                     + f" | {verdict} |")
+    return "\n".join(lines)
+
+
+def gap_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
+    """Per setting where the frozen teacher beats the reference (scratch) on test: the share
+    of the reference-to-teacher gap each method's mean closes, in percent (100% = as good as
+    the teacher, negative = worse than the reference); "" when the teacher beats it nowhere."""
+    keys, cells = [], {}
+    for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
+        reference = group[group.method == study.reference]
+        if reference.empty:
+            continue
+        higher, teacher, base = _higher(group), group.teacher.iloc[0], reference["mean"].iloc[0]
+        gap = (teacher - base) if higher else (base - teacher)
+        if not gap > 0:
+            continue
+        keys.append((task, setting))
+        for _, r in group.iterrows():
+            if r["method"] != study.reference and not _na(r):
+                closed = ((r["mean"] - base) if higher else (base - r["mean"])) / gap
+                cells[(r["method"], task, setting)] = f"{100 * closed:+.0f}%"
+    if not keys:
+        return ""
+    lines = ["| method | " + " | ".join(f"{t} / {s}" for t, s in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method in dict.fromkeys(summary.method):
+        if method != study.reference and any((method, *key) in cells for key in keys):
+            row = (cells.get((method, *key), "n/a") for key in keys)
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -241,3 +241,36 @@ def test_random_interpreter_is_a_frozen_reinitialised_twin():
     assert method.extra_parameter_count() == build()[0].extra_parameter_count()
     again, _ = build(interpreter="random")
     assert float(again.random_teacher[1].weight) == w
+
+
+def test_listen_gate_starts_half_own_view_half_question():
+    """listen: gate with g = sigmoid(0) = 0.5 hears 0.5 x + 0.5 * 2x = 1.5x: t'_h = 4.5x,
+    answer and s'_h 2.25x: d = (2.25 - 2)^2 * 2.5 = 0.15625; the gate learns."""
+    assert terms(listen="gate")["interact"] == pytest.approx(0.15625)
+    method, batch = build(listen="gate")
+    method.forward_train(batch)[1]["interact"].backward()
+    assert method.listen_gate.grad is not None and float(method.listen_gate.grad.abs()) > 0
+    assert any(p is method.listen_gate for p in method.learnable_parameters())
+
+
+def test_consistency_in_every_round_by_hand():
+    """round_consistency, one round: the decoded question D_T(q) = 2x against t_l = x:
+    2.5; the question x against the answer message 3x: 4 * 2.5 = 10. Two rounds weighted
+    1:3: round 2 asks 1.5x, hears 3x (against x: 10), interprets 9x and answers 4.5x
+    (against 1.5x: 22.5); its L_interact is 15.625 (see above)."""
+    got = terms(round_consistency=True)
+    assert got == pytest.approx({"task": 5.0, "kd": 2.5, "interact": 2.5, "mc": 0.625, "sc": 25.0,
+                                 "round_mc": 10.0, "round_sc": 2.5})
+    got = terms(rounds=2, round_weights=[1.0, 3.0], round_consistency=True, w2=2.0)
+    assert got["interact"] == pytest.approx((2.5 + 3 * 15.625) / 4)
+    assert got["round_sc"] == pytest.approx((2.5 + 3 * 10.0) / 4)
+    assert got["round_mc"] == pytest.approx(2.0 * (10.0 + 3 * 22.5) / 4)
+    assert "round_mc" not in terms()
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0]])
+def test_round_weights_one_per_round(weights):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="one weight >= 0 per round"):
+        METHODS["td"].Config(rounds=2, round_weights=weights)

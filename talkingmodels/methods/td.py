@@ -18,7 +18,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from talkingmodels import losses, taps
 from talkingmodels.channel import ChannelKind, Speaker, to_grid
@@ -57,10 +57,18 @@ class TDConfig(LogitKDConfig, ChannelConfig):
         description="question: the student's lower layers do not learn through its question; "
         "answer: s'_h is a fixed target for s_h; student_state: s_h is a fixed target for s'_h",
     )
-    listen: Literal["replace", "add"] = Field(
+    listen: Literal["replace", "add", "gate"] = Field(
         "replace", description="how the teacher reads a question into its layer l: 'replace' its "
-        "state by D_T(q) (the paper), or (ours) 'add' D_T(q) to its own state t_l of the same "
-        "input, so that its interpretation keeps what it knows about that input")
+        "state by D_T(q) (the paper), or (ours, after the patent's question that describes the "
+        "input) 'add' D_T(q) to its own state t_l of the same input, or 'gate': g * t_l + "
+        "(1 - g) * D_T(q) with g = sigmoid of a learned per-feature vector (starts at 0.5)")
+    round_consistency: bool = Field(
+        False, description="(reviews) consistency in every exchange: L_SC on the decoded question, "
+        "d(D_T(q), t_l), and L_MC between the question q and the answer E_T(t'_h) of the same "
+        "exchange, weighted by w3 and w2 and averaged over the rounds like L_interact")
+    round_weights: list[float] | None = Field(
+        None, description="(ours) one weight >= 0 per round for L_interact and the per-round "
+        "consistency (normalised to sum 1); default: equal weights")
     answer_kd: float = Field(
         0.0, ge=0, description="(ours) weight of KD towards the teacher's head applied to t'_h")
     answer_task: float = Field(
@@ -89,6 +97,15 @@ class TDConfig(LogitKDConfig, ChannelConfig):
     answers: Literal["matched", "shuffled"] = Field(
         "matched", description="(diagnostic) shuffled: each example receives the answer to the "
         "next example's question in its batch (a cyclic shift: never its own)")
+
+
+    @model_validator(mode="after")
+    def _one_weight_per_round(self):
+        weights = self.round_weights
+        if weights is not None and (len(weights) != self.rounds or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"round_weights {weights} must give one weight >= 0 per round "
+                             f"(rounds: {self.rounds}), not all 0")
+        return self
 
 
 class Consistency:
@@ -137,6 +154,8 @@ class TalkingDistillation(Consistency, LogitKD):
         super().build(batch)
         if self.config.interpreter == "random":
             self.random_teacher = _reinitialised(self.teacher)
+        if self.config.listen == "gate":  # g = sigmoid(0) = 0.5: half own view, half question
+            self.listen_gate = torch.nn.Parameter(torch.zeros(self.state_dims(batch, "teacher")["l"]))
         if self.config.interact_every > 1:
             # counts training steps; a buffer, so that a checkpoint resumes the cadence
             self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
@@ -182,12 +201,23 @@ class TalkingDistillation(Consistency, LogitKD):
         count = math.ceil(self.config.interact_fraction * size)
         return None if count >= size else torch.arange(count) * size // count
 
-    def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Teacher side of one exchange: question -> t'_h (the teacher's interpretation)."""
+    def hear(self, question: torch.Tensor, t_l: torch.Tensor) -> torch.Tensor:
+        """The decoded question D_T(q) on the teacher's grid at l."""
+        return self.teacher_side.decoder(to_grid(question, t_l), "l")
+
+    def interpret(self, question: torch.Tensor, t_l: torch.Tensor, batch: Batch,
+                  heard: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher side of one exchange: question -> t'_h (the teacher's interpretation);
+        ``heard``: D_T(q) when the caller has it already."""
         t_low, t_high = self.pair.teacher_layers
-        heard = self.teacher_side.decoder(to_grid(question, t_l), "l")
+        heard = self.hear(question, t_l) if heard is None else heard
         if self.config.listen == "add":
             heard = t_l + heard
+        elif self.config.listen == "gate":  # (per feature: the last dim of a token or a vector)
+            gate = torch.sigmoid(self.listen_gate)
+            if heard.dim() == 4:  # image maps (B, C, H, W): per channel
+                gate = gate[:, None, None]
+            heard = gate * t_l + (1 - gate) * heard
         with torch.autocast(heard.device.type, torch.bfloat16,
                             enabled=self.config.interact_precision == "bf16"):
             if self.config.interpreter == "random":
@@ -226,18 +256,32 @@ class TalkingDistillation(Consistency, LogitKD):
             batch = batch.rows(rows)
         mask = token_mask(batch, s_h)  # real tokens (None: not sentences)
         asked = s_l.detach() if "question" in cfg.stop_gradient else s_l
-        interact, s_high_answer = 0.0, None
-        for r in range(cfg.rounds):
+        # a weighted mean over the rounds (x * 1.0 is exact: equal weights compute what the
+        # plain mean always did)
+        weights = cfg.round_weights or [1.0] * cfg.rounds
+        interact, round_mc, round_sc, s_high_answer = 0.0, 0.0, 0.0, None
+        for r, weight in enumerate(weights):
             # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
             question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
-            t_high_answer = self.interpret(question, t_l, batch)
+            heard = self.hear(question, t_l)
+            t_high_answer = self.interpret(question, t_l, batch, heard)
             if cfg.answers == "shuffled":  # example i hears the answer to question i + 1
                 t_high_answer = t_high_answer.roll(-1, 0)
-            s_high_answer = D_S(to_grid(E_T(t_high_answer, "h"), s_h), "h")
+            answer_message = E_T(t_high_answer, "h")
+            s_high_answer = D_S(to_grid(answer_message, s_h), "h")
             target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
             answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
-            interact = interact + self.distance(answer, target, mask)
-        terms["interact"] = cfg.w1 * interact / cfg.rounds
+            interact = interact + weight * self.distance(answer, target, mask)
+            if cfg.round_consistency:
+                # the decoded question must look like a state the teacher could have for this
+                # input, and question and answer of one exchange must agree as messages
+                said = to_grid(answer_message, question)
+                round_sc = round_sc + weight * self.distance(heard, t_l, mask)
+                round_mc = round_mc + weight * self.distance(question, said, mask)
+        terms["interact"] = cfg.w1 * interact / sum(weights)
+        if cfg.round_consistency:
+            terms["round_mc"] = cfg.w2 * round_mc / sum(weights)
+            terms["round_sc"] = cfg.w3 * round_sc / sum(weights)
         if cfg.answer_kd > 0 or cfg.answer_fit > 0:
             # The teacher's own head reads its interpretation: an answer in output space.
             answer_output = self.teacher_between(t_high, None, t_high_answer, batch)

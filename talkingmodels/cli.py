@@ -175,8 +175,9 @@ def build_parser() -> Parser:
     bench.add_argument("task", help="a task name, or all (every task into one store and report)")
     bench.add_argument("--suite", default="core",
                        help="core: the paper's baselines and TD; full: plus the modern baselines "
-                       "and the kd-modules control; ablations: TD's ablations; efficiency: TD's "
-                       "cheaper-interaction options; several: "
+                       "and the kd-modules control; ablations: TD's ablations and diagnostics; efficiency: "
+                       "TD's cheaper-interaction options; research: the capacity-gap, little-data and "
+                       "weak-logit settings with TD's grounded options; several: "
                        "comma-separated (full,ablations: the combined report)")
     bench.add_argument("--settings", help="comma-separated settings (default: the task's)")
     bench.add_argument("--methods", help="comma-separated methods (default: all of the task's)")

@@ -5,7 +5,10 @@
 * ``ablations``: TD's ablations around its defaults, with scratch and the default TD as
   references, on each task's ``ablation_settings``;
 * ``efficiency``: TD's cheaper-interaction options against the default TD and TD without
-  interaction, on the same settings.
+  interaction, on the same settings;
+* ``research``: the settings TD's premise is about (a capacity gap, little data, a teacher
+  whose logits are weaker than its features: each task's ``research_settings``), the
+  baselines, TD's diagnostics and its grounded options (docs/method.md).
 
 Every suite is also an ordinary experiment config: ``experiment_config(task, suite)``
 builds it, and ``configs/ablations-TASK.yaml`` hold the ablations (a test checks that
@@ -19,6 +22,11 @@ from itertools import product
 from talkingmodels.errors import UserError
 
 MODERN = ("dkd", "dist", "rkd", "pkt", "crd", "kd-modules")
+
+
+def _named(labels) -> dict[str, dict]:
+    """Entries for method labels (``name`` or ``name:variant``) with their default options."""
+    return {label: {"name": label.split(":")[0]} for label in labels}
 
 
 def _weights() -> dict[str, dict]:
@@ -58,21 +66,40 @@ EFFICIENCY: dict[str, dict] = {
     "td-bf16": {"name": "td", "interact_precision": "bf16"},
 }
 
+# TD's grounded options (docs/method.md): consistency in every exchange (reviews), the
+# teacher's own view of the input in what it hears (patent), and both.
+GROUNDED: dict[str, dict] = {
+    "td-round-consistency": {"name": "td", "round_consistency": True},
+    "td-listen-add": {"name": "td", "listen": "add"},
+    "td-listen-gate": {"name": "td", "listen": "gate"},
+    "td-grounded": {"name": "td", "round_consistency": True, "listen": "gate"},
+    "td-grounded-no-kd": {"name": "td", "round_consistency": True, "listen": "gate", "weight": 0.0},
+}
+
+# The research grid: the baselines that compete with TD where logits are weak (feature-based
+# ones and the parameter-matched control), TD, its diagnostics, w0 = 0, and its grounded options.
+RESEARCH: dict[str, dict] = {
+    **_named(("scratch", "logit-kd", "feature-kd", "fitnet", "hybrid", "kd-modules", "td")),
+    **{label: ABLATIONS[label] for label in
+       ("td-rounds-0", "td-random-teacher", "td-shuffled-answers", "td-no-kd")},
+    **GROUNDED,
+}
+
 # Every labelled variant of TD (the report's ablation tables compare them with TD).
-VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY}
+VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY, **GROUNDED}
 
 
-def _named(labels) -> dict[str, dict]:
-    """Entries for method labels (``name`` or ``name:variant``) with their default options."""
-    return {label: {"name": label.split(":")[0]} for label in labels}
+def _ablated(task) -> tuple[str, ...]:
+    return task.ablation_settings or task.default_settings
 
 
-# suite -> (its method entries on a task class, whether it runs on the ablation settings)
+# suite -> (its method entries on a task class, its settings on a task class)
 SUITES: dict[str, tuple] = {
-    "core": (lambda task: _named(task.default_methods), False),
-    "full": (lambda task: _named((*task.default_methods, *MODERN)), False),
-    "ablations": (lambda task: ABLATIONS, True),
-    "efficiency": (lambda task: EFFICIENCY, True),
+    "core": (lambda task: _named(task.default_methods), lambda task: task.default_settings),
+    "full": (lambda task: _named((*task.default_methods, *MODERN)), lambda task: task.default_settings),
+    "ablations": (lambda task: ABLATIONS, _ablated),
+    "efficiency": (lambda task: EFFICIENCY, _ablated),
+    "research": (lambda task: RESEARCH, lambda task: task.research_settings),
 }
 
 
@@ -90,8 +117,8 @@ def methods(task, suite: str) -> list[dict]:
 
 
 def settings(task, suite: str) -> list[str]:
-    _, ablated = _suite(suite)
-    return list((task.ablation_settings if ablated else None) or task.default_settings)
+    _, chosen = _suite(suite)
+    return list(chosen(task))
 
 
 def experiment_config(task, suite: str, seeds: int = 5) -> dict:

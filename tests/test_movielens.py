@@ -35,8 +35,12 @@ def test_read_ratings(ml_dir):
 def test_settings_select_their_genre(task, dense):
     assert task.check_setting("DENSE") == "dense"
     assert task.check_setting("western") == "Western"
-    with pytest.raises(UserError, match="unknown movielens setting 'Drma'; valid settings: dense, sparse"):
+    with pytest.raises(UserError, match="unknown movielens setting 'Drma'; valid settings: dense, "
+                                        "sparse, rare"):
         task.check_setting("Drma")
+    assert task.check_setting("rare") == "rare"  # Documentary: little data
+    with pytest.raises(UserError, match="'dense-tiny'"):  # no tiny student for a recommender
+        task.check_setting("dense-tiny")
     sparse = task.prepare("sparse")
     for prepared, items in ((dense, range(40)), (sparse, range(60, 80))):
         split_pairs = [pairs(s) for s in (prepared.splits.train, prepared.splits.val, prepared.splits.test)]

@@ -289,3 +289,13 @@ def test_diagnostics_table_by_hand(tmp_path):
     assert diagnostics_table(summarise(results[~results.method.str.startswith("td-")]), results) == ""
     results.to_csv(tmp_path / "results.csv", index=False)
     assert "## Does the interaction carry the teacher's knowledge?" in write_report(tmp_path).read_text()
+
+
+def test_a_store_of_variants_only_has_a_report(tmp_path):
+    """A setting holding only variants of the focus (a user's grid of TD options) still gets
+    its section: the teacher's line and the ablation table, no method table."""
+    pd.DataFrame(rows("td-m8", [0.8, 0.81]) + rows("td-no-kd", [0.9, 0.92])).to_csv(
+        tmp_path / "results.csv", index=False)
+    text = write_report(tmp_path).read_text()
+    assert "Teacher (frozen, pre-trained) test rmse: 0.9000" in text
+    assert "| td-m8 | message_dim 8 | 0.8050 ± 0.0071 |" in text

@@ -148,6 +148,11 @@ def test_settings_and_data_errors(tmp_path, encoder, monkeypatch):
     with pytest.raises(UserError, match="'reddit'.*tweets, movies, amazon, nyt"):
         sentiment.check_setting("reddit")
     assert sized_setting(sentiment.check_setting("movies-2k"), text.DOMAINS) == ("movies", 2000)
+    assert sentiment.check_setting("tweets-tiny") == "tweets-tiny"  # the capacity gap
+    plain = sum(p.numel() for p in text.SmallTransformer(text.StudentSpec(), 30522, 64).parameters())
+    spec = sentiment.student_spec(text.StudentSpec(), "movies-2k-tiny")
+    assert 8 < plain / sum(p.numel() for p in text.SmallTransformer(spec, 30522, 64).parameters()) < 13
+    assert sentiment.student_spec(text.StudentSpec(), "movies-2k") == text.StudentSpec()
     with pytest.raises(UserError, match="'tweets-1k' asks for 1000 training sentences; the tweets "
                                         "training part holds 48"):
         sentiment.prepare("tweets-1k")

@@ -138,6 +138,19 @@ def test_settings_are_checked(tmp_path):
         vision.check_setting("fashion-60k")
 
 
+def test_tiny_settings_train_a_ten_times_smaller_student_on_the_same_data(tmp_path):
+    """The capacity gap: "-tiny" on any setting keeps its images and shrinks the student."""
+    vision = task(tmp_path)
+    assert vision.check_setting("fashion-64-tiny") == "fashion-64-tiny"
+    assert vision.train_size("fashion-1k-tiny") == 1_000
+    plain, tiny = vision.prepare("fashion-64"), vision.prepare("fashion-64-tiny")
+    assert torch.equal(plain.splits.train.student_inputs[0], tiny.splits.train.student_inputs[0])
+    sizes = [sum(p.numel() for p in prep.build_student().parameters()) for prep in (plain, tiny)]
+    assert 8 < sizes[0] / sizes[1] < 13
+    with pytest.raises(UserError, match="'fashion-x-tiny'.*SETTING-tiny"):
+        vision.check_setting("fashion-x-tiny")
+
+
 def test_student_size_and_layers():
     student = SmallCNN(StudentSpec())
     assert 0.05e6 < sum(p.numel() for p in student.parameters()) < 0.3e6

@@ -102,8 +102,10 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
     for (task, setting), everything in summary.groupby(["task", "setting"], sort=False):
         group = without_variants(everything, study)
         lines += [f"## {task} / {setting}", "",
-                  f"Teacher (frozen, pre-trained) test {group.metric.iloc[0]}: "
-                  f"{group.teacher.iloc[0]:.4f}", "", markdown_table(group, study), ""]
+                  f"Teacher (frozen, pre-trained) test {everything.metric.iloc[0]}: "
+                  f"{everything.teacher.iloc[0]:.4f}", ""]
+        if not group.empty:  # (a store may hold variants of the focus only)
+            lines += [markdown_table(group, study), ""]
         runs = results[(results.task == task) & (results.setting == setting)]
         paired = paired_table(without_variants(runs, study), study)
         if paired:

@@ -57,6 +57,9 @@ class Prepared:
     output: OutputKind
 
 
+TINY = "-tiny"
+
+
 class Task:
     name: ClassVar[str]
     Config: ClassVar[type[TaskConfig]] = TaskConfig
@@ -77,8 +80,14 @@ class Task:
     method_options: ClassVar[dict[str, dict]] = {}
     # Where the ablation suite runs (suites.py): the cheaper settings of a costly task.
     ablation_settings: ClassVar[tuple[str, ...] | None] = None  # None: default_settings
+    # Where the research suite runs: the settings TD's premise is about (capacity gap, little
+    # data, logits weaker than features); () for a task without them.
+    research_settings: ClassVar[tuple[str, ...]] = ()
     # Whether `bench` runs it (a task of fixed data and models; `custom` is the user's own).
     benchmark: ClassVar[bool] = True
+    # The capacity-gap settings: any setting + "-tiny" trains a student about 10x smaller,
+    # these fields of the task's student spec replaced ({}: the task has none).
+    tiny_student: ClassVar[dict] = {}
 
     def __init__(self, config: TaskConfig):
         self.config = config
@@ -88,11 +97,33 @@ class Task:
         raise NotImplementedError
 
     def check_setting(self, setting: str) -> str:
+        core, tiny = self.split_tiny(setting)
         valid = self.settings()
         lookup = {s.lower(): s for s in valid}
-        if setting.lower() not in lookup:
+        if core.lower() not in lookup:
             raise UserError(f"unknown {self.name} setting {setting!r}; valid settings: {', '.join(valid)}")
-        return lookup[setting.lower()]
+        return lookup[core.lower()] + tiny
+
+    def split_tiny(self, setting: str) -> tuple[str, str]:
+        """(the setting without its "-tiny", "-tiny" or ""): a capacity-gap setting is its
+        plain setting's data with the tiny student (tasks with ``tiny_student`` only)."""
+        if self.tiny_student and setting.lower().endswith(TINY):
+            return setting[: -len(TINY)], TINY
+        return setting, ""
+
+    def student_spec(self, spec: BaseModel, setting: str) -> BaseModel:
+        """The student's spec for ``setting``: the configured one, or on a "-tiny" setting
+        the same with ``tiny_student``'s fields."""
+        if not self.split_tiny(setting)[1]:
+            return spec
+        return type(spec).model_validate({**spec.model_dump(), **self.tiny_student})
+
+    def tiny_text(self) -> list[str]:
+        """How ``settings()`` lists the capacity-gap settings ([] without a tiny student)."""
+        if not self.tiny_student:
+            return []
+        fields = ", ".join(f"{k} {v}" for k, v in self.tiny_student.items())
+        return [f"SETTING{TINY} (any setting with a student about 10x smaller: {fields})"]
 
     def prepare(self, setting: str) -> Prepared:
         raise NotImplementedError

@@ -282,6 +282,10 @@ class Sentiment(ClassificationTask):
     # move the student off the majority class).
     default_settings = ("tweets", "movies")
     ablation_settings = ("tweets-1k",)
+    research_settings = ("tweets-1k-tiny",)  # the capacity gap
+    # 226k parameters against the default's 2.24M (the vocabulary's embeddings are most of
+    # both): the capacity gap (research suite)
+    tiny_student = {"width": 24, "heads": 2, "ffn": 48, "embedding": 7}
     class_names = ("negative", "positive")
     default_train = {"epochs": 8, "batch_size": 32, "lr": 3e-3, "patience": 3}
     setting_train = {domain: {"epochs": 4, "patience": 2} for domain in DOMAINS}
@@ -299,10 +303,13 @@ class Sentiment(ClassificationTask):
         self._data: dict[str, tuple] = {}
 
     def settings(self) -> list[str]:
-        return [*DOMAINS, "DOMAIN-N (N training sentences of a domain, e.g. tweets-1k or movies-500)"]
+        return [*DOMAINS, "DOMAIN-N (N training sentences of a domain, e.g. tweets-1k or movies-500)",
+                *self.tiny_text()]
 
     def check_setting(self, setting: str) -> str:
-        return setting if sized_setting(setting, DOMAINS) else super().check_setting(setting)
+        if sized_setting(self.split_tiny(setting)[0], DOMAINS):
+            return setting
+        return super().check_setting(setting)
 
     def encoder(self):
         """(the Hugging Face model, its tokenizer), loaded once."""
@@ -350,7 +357,7 @@ class Sentiment(ClassificationTask):
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)
         cfg = self.config
-        domain, size = sized_setting(setting, DOMAINS)  # size None: the whole training part
+        domain, size = sized_setting(self.split_tiny(setting)[0], DOMAINS)  # size None: all of it
         input_ids, attention_mask, labels, (train_rows, val_rows, test_rows) = self.data(domain)
         if size is not None:
             if size > len(train_rows):
@@ -373,7 +380,7 @@ class Sentiment(ClassificationTask):
             outputs=lambda part, split, wanted: self._teacher_outputs(
                 teacher, domain, f"train-{len(split)}" if part == "train" else part,
                 split.student_inputs, wanted))
-        spec, vocab, length = cfg.student, len(tokenizer), input_ids.shape[1]
+        spec, vocab, length = self.student_spec(cfg.student, setting), len(tokenizer), input_ids.shape[1]
         return Prepared(
             setting=setting,
             splits=splits,

@@ -20,6 +20,20 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _seeds(text: str) -> int | list[int]:
+    """``--seeds``: a count, a range ``A-B`` or a comma-separated list."""
+    try:
+        if "-" in text:
+            first, last = (int(part) for part in text.split("-"))
+            if last < first:
+                raise ValueError
+            return list(range(first, last + 1))
+        return [int(part) for part in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise UserError(f"--seeds {text!r} is not a count (5), a range (100-102) or a list "
+                        "(0,1,2)") from None
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -66,9 +80,11 @@ def cmd_bench(args) -> None:
         train["epochs"] = args.epochs
     experiments, pieces = [], []
     for task, suite in product(tasks, chosen):  # all validated and resolved before the first run
-        config = suites.experiment_config(task, suite, args.seeds)
-        if args.methods:
-            config["methods"] = [{"name": name, "label": name} for name in _csv(args.methods)]
+        config = suites.experiment_config(task, suite, _seeds(args.seeds))
+        if args.methods:  # the suite's own labels keep their options; other names: defaults
+            entries = {entry["label"]: entry for entry in config["methods"]}
+            config["methods"] = [entries.get(name, {"name": name, "label": name})
+                                 for name in _csv(args.methods)]
         if args.settings:
             config["settings"] = _csv(args.settings)
         config.update(task_options=options, train=train)
@@ -181,7 +197,8 @@ def build_parser() -> Parser:
                        "comma-separated (full,ablations: the combined report)")
     bench.add_argument("--settings", help="comma-separated settings (default: the task's)")
     bench.add_argument("--methods", help="comma-separated methods (default: all of the task's)")
-    bench.add_argument("--seeds", type=int, default=5)
+    bench.add_argument("--seeds", default="5", help="a count N (seeds 0..N-1, default 5), a range "
+                       "A-B (e.g. the tuning seeds 100-102) or a comma-separated list")
     bench.add_argument("--epochs", type=int, help="epoch budget per run")
     bench.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
     bench.add_argument("--data-dir", type=Path, help="where the task's data lies")

@@ -64,7 +64,6 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("argv, names", [
     (["frobnicate"], ["invalid choice", "'frobnicate'"]),
     (["bench"], ["task"]),
-    (["bench", "movielens", "--seeds", "many"], ["--seeds", "'many'"]),
 ])
 def test_argument_errors(argv, names, capsys):
     with pytest.raises(SystemExit) as info:
@@ -99,6 +98,28 @@ def test_bench_reports_its_duration(no_grid, capsys, tmp_path):
     code, out, _ = call(capsys, "bench", "movielens", "--seeds", "1", "--out", tmp_path)
     assert code == 0 and len(no_grid) == 1
     assert "in 42 s" in out
+
+
+@pytest.mark.parametrize("seeds", ["many", "5-2", "1,x"])
+def test_bad_seeds_are_one_error_line(no_grid, capsys, tmp_path, seeds):
+    code, _, err = call(capsys, "bench", "movielens", "--seeds", seeds, "--out", tmp_path)
+    assert code == 2 and not no_grid
+    assert_one_error_line(err, "--seeds", repr(seeds))
+
+
+@pytest.mark.parametrize("seeds, expected", [("2", [0, 1]), ("100-102", [100, 101, 102]),
+                                             ("3,7", [3, 7])])
+def test_bench_seeds_and_suite_labels(no_grid, capsys, tmp_path, seeds, expected):
+    """--seeds: a count, a range (the tuning seeds) or a list; --methods picks the suite's own
+    labels with their options (other names: the method with its defaults)."""
+    code, _, _ = call(capsys, "bench", "movielens", "--suite", "research", "--seeds", seeds,
+                      "--methods", "td-grounded,logit-kd", "--out", tmp_path)
+    assert code == 0
+    exp = no_grid[0]
+    assert exp.seeds == expected
+    (label, cls, options), (other, _, _) = exp.methods
+    assert (label, cls.name, other) == ("td-grounded", "td", "logit-kd")
+    assert options.round_consistency and options.listen == "gate"
 
 
 def test_run_reports_its_duration(no_grid, config, capsys, tmp_path):

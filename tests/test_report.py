@@ -223,7 +223,7 @@ def test_ablation_table_holm_over_the_variants_by_hand():
     assert lines["td-no-kd"][4:8] == ["+0.0000", "1.000", "1.000", "1/3"]
 
 
-def test_a_tuning_store_shows_validation_only_and_ties_go_to_the_first_named():
+def test_a_tuning_store_shows_validation_only_and_ties_go_to_the_first_named(tmp_path):
     """Tuning seeds (100 and up): the block shows each option's validation metric and the
     rule's choice, never a test number. pkt-3000 and pkt-300 tie on validation (to 4
     decimals): the one named first in the config is chosen, whatever the test split says."""
@@ -246,6 +246,10 @@ def test_a_tuning_store_shows_validation_only_and_ties_go_to_the_first_named():
     assert lines[3] == "| pkt-3000 | 0.8600 ± 0.0100 (chosen) |"
     assert lines[4] == "| pkt-300 | 0.8600 ± 0.0000 |"
     assert not any(test in " ".join(lines) for test in ("0.99", "0.98", "0.10", "0.70"))
+    results.to_csv(tmp_path / "results.csv", index=False)  # report.md too: validation only
+    report = write_report(tmp_path).read_text()
+    assert "| pkt-3000 | 0.8600 ± 0.0100 (chosen) |" in report
+    assert not any(test in report for test in ("0.99", "0.98", "0.10", "0.70", "test"))
 
 
 def test_gap_table_by_hand():

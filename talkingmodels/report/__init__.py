@@ -61,6 +61,10 @@ __all__ = [
 def write_report(out: Path, study: Study = STUDY) -> Path:
     """Write ``report.md`` and the plots for the runs stored in ``out``."""
     results = read_results(out)
+    if is_tuning(results):  # validation only: no test number in view when choosing
+        report = Path(out) / "report.md"
+        report.write_text("\n".join(["# talkingmodels report: tuning runs", "", readme_block(out, study), ""]))
+        return report
     summary = summarise(results, study)
     lines = ["# talkingmodels report", "",
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "

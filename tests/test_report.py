@@ -284,12 +284,17 @@ def test_diagnostics_table_by_hand(tmp_path):
                            + rows("td-shuffled-answers", shifted(0.05)))
     table = diagnostics_table(summarise(results), results)
     row = next(line for line in table.splitlines() if line.startswith("| movielens / dense |"))
-    assert "| 0.9120 | +0.1004 (0.000*) |" in row
-    assert row.endswith("| no: not significantly better than td-random-teacher |")
+    assert "| td | 0.9120 | +0.1004 (0.000*) |" in row
+    assert row.endswith("| no: not significantly better than td-random-teacher | td |")
     better = results.copy()
     better.loc[better.method == "td-random-teacher", "value"] = shifted(0.08)
     row = diagnostics_table(summarise(better), better).splitlines()[2]
-    assert row.endswith("| yes |")
+    assert row.endswith("| yes | td |")
+    # a grounded configuration gets its own row, in the same family
+    grounded = pd.concat([better, pd.DataFrame(rows("td-grounded", shifted(0.2, (0.0, 0.003, 0.001, -0.002, 0.004))))])
+    lines = diagnostics_table(summarise(grounded), grounded).splitlines()
+    assert lines[3].startswith("| movielens / dense | td-grounded | 1.1132 | -0.1008 (")
+    assert lines[3].endswith("| no: not significantly better than td-rounds-0 nor td-random-teacher | td |")
     assert diagnostics_table(summarise(results[~results.method.str.startswith("td-")]), results) == ""
     results.to_csv(tmp_path / "results.csv", index=False)
     assert "## Does the interaction carry the teacher's knowledge?" in write_report(tmp_path).read_text()

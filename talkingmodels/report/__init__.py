@@ -63,7 +63,7 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
     results = read_results(out)
     if is_tuning(results):  # validation only: no test number in view when choosing
         report = Path(out) / "report.md"
-        report.write_text("\n".join(["# talkingmodels report: tuning runs", "", readme_block(out, study), ""]))
+        report.write_text(f"# talkingmodels report: tuning runs\n\n{readme_block(out, study)}\n")
         return report
     summary = summarise(results, study)
     lines = ["# talkingmodels report", "",

@@ -135,33 +135,42 @@ DIAGNOSTICS = ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")
 
 
 def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
-    """Per ablated setting: the focus against each diagnostic (difference, positive = the
-    focus is better, with the Holm-adjusted p of the setting's ablation family) and the
-    verdict: the interaction carries this teacher's knowledge only where the focus is
-    significantly better than both no interaction and the re-initialised teacher. "" when no
-    setting ran a diagnostic."""
+    """Per setting where a diagnostic ran: the focus and each of its grounded configurations
+    there against each diagnostic, paired by seed (difference, positive = the configuration is
+    better; p Holm-adjusted over the setting's configuration x diagnostic comparisons, one
+    family), the verdict (the interaction carries this teacher's knowledge only where the
+    configuration is significantly better than both no interaction and the re-initialised
+    teacher) and the setting's best label by mean. "" when no setting ran a diagnostic."""
+    from talkingmodels.analysis import holm, paired_comparison
+    from talkingmodels.suites import GROUNDED
+
     keys = [key for key, group in summary.groupby(["task", "setting"], sort=False)
             if group.method.isin(DIAGNOSTICS[1:]).any()]
     if not keys:
         return ""
-    focus = study.focus
-    lines = [f"| setting | {focus} | " + " | ".join(f"{focus} - {d} (p Holm)" for d in DIAGNOSTICS)
-             + " | the interaction carries the teacher's knowledge |", "|---" * (len(DIAGNOSTICS) + 3) + "|"]
+    lines = ["| setting | configuration | mean | " + " | ".join(f"vs {d} (p Holm)" for d in DIAGNOSTICS)
+             + " | carries the teacher's knowledge | best by mean |", "|---" * (len(DIAGNOSTICS) + 5) + "|"]
     for task, setting in keys:
-        here = summary[(summary.task == task) & (summary.setting == setting)]
-        runs = results[(results.task == task) & (results.setting == setting)]
-        _, family = _ablation_family(here, runs, study)
-        mean = here[here.method == focus]["mean"]
-        cells = []
-        for label in DIAGNOSTICS:
-            c = family.get(label)
-            cells.append("not run" if c is None else f"{c['mean_diff']:+.4f} ({_p_text(c)})")
-        better = [label in family and family[label]["significant"] and family[label]["mean_diff"] > 0
-                  for label in DIAGNOSTICS[:2]]
-        verdict = "yes" if all(better) else "no: not significantly better than " + " nor ".join(
-            label for label, b in zip(DIAGNOSTICS[:2], better, strict=True) if not b)
-        lines.append(f"| {task} / {setting} | {mean.iloc[0]:.4f} | " + " | ".join(cells)
-                     + f" | {verdict} |")
+        here = summary[(summary.task == task) & (summary.setting == setting) & ~summary.na.fillna(False)]
+        table = _values(results[(results.task == task) & (results.setting == setting)])
+        higher = _higher(here)
+        configs = [c for c in (study.focus, *GROUNDED) if c in table]
+        pairs = {(c, d): paired_comparison(table[c], table[d], higher)
+                 for c in configs for d in DIAGNOSTICS if d in table}
+        for c, adjusted in zip(pairs.values(), holm([c["p_ttest"] for c in pairs.values()]), strict=True):
+            c.update(p_holm=adjusted, significant=bool(adjusted < 0.05))
+        best = here.sort_values("mean", ascending=not higher).method.iloc[0]
+        for config in configs:
+            cells, better = [], []
+            for d in DIAGNOSTICS:
+                c = pairs.get((config, d))
+                cells.append("not run" if c is None else f"{c['mean_diff']:+.4f} ({_p_text(c)})")
+                better.append(c is not None and c["significant"] and c["mean_diff"] > 0)
+            verdict = "yes" if all(better[:2]) else "no: not significantly better than " + " nor ".join(
+                d for d, b in zip(DIAGNOSTICS[:2], better[:2], strict=True) if not b)
+            mean = here[here.method == config]["mean"].iloc[0]
+            lines.append(f"| {task} / {setting} | {config} | {mean:.4f} | " + " | ".join(cells)
+                         + f" | {verdict} | {best} |")
     return "\n".join(lines)
 
 

@@ -291,7 +291,8 @@ def test_diagnostics_table_by_hand(tmp_path):
     row = diagnostics_table(summarise(better), better).splitlines()[2]
     assert row.endswith("| yes | td |")
     # a grounded configuration gets its own row, in the same family
-    grounded = pd.concat([better, pd.DataFrame(rows("td-grounded", shifted(0.2, (0.0, 0.003, 0.001, -0.002, 0.004))))])
+    noise = (0.0, 0.003, 0.001, -0.002, 0.004)
+    grounded = pd.concat([better, pd.DataFrame(rows("td-grounded", shifted(0.2, noise)))])
     lines = diagnostics_table(summarise(grounded), grounded).splitlines()
     assert lines[3].startswith("| movielens / dense | td-grounded | 1.1132 | -0.1008 (")
     assert lines[3].endswith("| no: not significantly better than td-rounds-0 nor td-random-teacher | td |")

@@ -34,9 +34,10 @@ GAP_INTRO = ("Share of the gap between scratch and the frozen teacher that each 
 
 
 def diagnostics_intro(study: Study = STUDY) -> str:
-    return (f"Does the interaction carry the teacher's knowledge? {study.name} against its diagnostics, "
-            "paired by seed (difference positive = the default is better; p Holm-adjusted over the "
-            f"setting's ablation variants). It does only where {study.name} is significantly better "
+    return (f"Does the interaction carry the teacher's knowledge? {study.name} and its grounded "
+            "configurations against its diagnostics, paired by seed (difference positive = the "
+            "configuration is better; p Holm-adjusted over the setting's configuration x "
+            "diagnostic comparisons). It does only where a configuration is significantly better "
             "than both no interaction (td-rounds-0) and a re-initialised teacher (td-random-teacher):")
 
 

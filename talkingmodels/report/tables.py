@@ -111,9 +111,9 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = 
     metric = summary.metric.iloc[0]
     focus, reference = study.focus, study.reference
     labels, family = _ablation_family(summary, results, study)
-    lines = [f"| variant | change from {focus} | test {metric} | gain vs {reference} | vs {focus} | "
-             f"p (paired t) | p (Holm) | better than {focus} on | CKA at h |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | change from {focus} | val {metric} | test {metric} | gain vs {reference} | "
+             f"vs {focus} | p (paired t) | p (Holm) | better than {focus} on | CKA at h |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
         r = summary[summary.method == label].iloc[0]
         gain, cka = _gain_text(r), _cka_text(r)
@@ -124,8 +124,8 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = 
         else:
             versus = ["-", "-", "-", "-"]
         change = "(reference)" if label in (reference, focus) else _change(label)
-        lines.append(f"| {label} | {change} | {r['mean']:.4f} ± {r['std']:.4f} | {gain} | "
-                     + " | ".join(versus) + f" | {cka} |")
+        lines.append(f"| {label} | {change} | {r['val_mean']:.4f} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                     f"{gain} | " + " | ".join(versus) + f" | {cka} |")
     return "\n".join(lines)
 
 

@@ -309,3 +309,17 @@ def test_a_store_of_variants_only_has_a_report(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "Teacher (frozen, pre-trained) test rmse: 0.9000" in text
     assert "| td-m8 | message_dim 8 | 0.8050 | 0.8050 ± 0.0071 |" in text
+
+
+def test_curves_without_a_result_row_are_left_out_of_the_plots(tmp_path):
+    """A run interrupted after some epochs has curves but no row yet: the report plots the
+    settings that have rows and skips the others."""
+    results = pd.DataFrame(rows("scratch", [1.0, 1.1]) + rows("td", [0.9, 1.0]))
+    results.to_csv(tmp_path / "results.csv", index=False)
+    curves = [{"task": "movielens", "setting": setting, "method": "td", "seed": 0, "epoch": epoch,
+               "stage": "main", "name": "val_rmse", "value": 1.0} for setting in ("dense", "sparse")
+              for epoch in range(2)]
+    pd.DataFrame(curves).to_csv(tmp_path / "curves.csv.gz", index=False)
+    write_report(tmp_path)
+    assert (tmp_path / "curves_movielens_dense.png").exists()
+    assert not (tmp_path / "curves_movielens_sparse.png").exists()

@@ -110,6 +110,8 @@ def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame,
     paths = []
     val = curves[curves.name.str.startswith("val_")]
     for (task, setting), group in val.groupby(["task", "setting"], sort=False):
+        if not ((results.task == task) & (results.setting == setting)).any():
+            continue  # curves of runs without a row (a run interrupted before its result)
         variants = group.method.isin(_variants(study))
         # (a setting run for the ablations only has no methods of its own to show)
         panels = [] if _ablation_only(group, study).all() else [("methods", group[~variants])]

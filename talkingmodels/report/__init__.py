@@ -81,14 +81,14 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
                   "Mean test metric against scratch's, in percent (positive = better); the average "
                   "is over the settings where the method applies (their count in brackets).", "",
                   gains_table(methods), ""]
-        if gaps := gap_table(methods, study):
-            lines += ["## Share of the scratch-to-teacher gap closed", "", GAP_INTRO, "", gaps, ""]
         if study.focus in set(methods.method):
             lines += [f"## {study.name} against every method, every setting", "",
                       "Paired by seed; better or worse where the paired t-test says so at 5% after "
                       "Holm's adjustment over the setting's comparisons (the p shown is the adjusted "
                       "one), else n.s. (not significant); each setting's full table is under it.", "",
                       versus_table(compared(results, study), methods, study), ""]
+    if methods.method.nunique() > 1 and (gaps := gap_table(methods, study)):
+        lines += ["## Share of the scratch-to-teacher gap closed", "", GAP_INTRO, "", gaps, ""]
     if ablations := ablation_overview(summary, study):
         lines += [f"## Ablations of {study.name}, every ablated setting", "",
                   f"Each variant's mean test metric against the default {study.name}'s, in percent "

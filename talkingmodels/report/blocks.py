@@ -77,12 +77,12 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
     if len(methods.groupby(["task", "setting"])) > 1 and methods.method.nunique() > 1:
         lines += ["Relative improvement over scratch (average over the settings):", "",
                   gains_table(methods), ""]
-        if gaps := gap_table(methods, study):
-            lines += [GAP_INTRO, "", gaps, ""]
         if study.focus in set(methods.method):
             lines += [f"{study.name} against every method, paired by seed (paired t-test at 5%, Holm-"
                       "adjusted over each setting's comparisons; the p shown is the adjusted one; n.s.: "
                       "not significant):", "", versus_table(compared(results, study), methods, study), ""]
+    if methods.method.nunique() > 1 and (gaps := gap_table(methods, study)):
+        lines += [GAP_INTRO, "", gaps, ""]
     if ablations := ablation_overview(summary, study):
         lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]

@@ -69,6 +69,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("name,options,kill_after", [
     ("td", {}, 1), ("td", {}, 4), ("td", {"rounds": 2}, 2),
+    ("td", {"interpreter": "random", "listen": "gate", "round_consistency": True}, 2),
     ("fitnet", {"hint_epochs": 2}, 1),  # inside the hint stage
     ("fitnet", {"hint_epochs": 2}, 2),  # at the boundary between the two stages
     ("hybrid", {}, 3),

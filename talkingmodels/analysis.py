@@ -234,6 +234,12 @@ def compare_family(a, others: Mapping, higher_is_better: bool, alpha: float = 0.
     family: each result gains ``p_holm`` (Holm-adjusted paired-t p over the family) and its
     ``significant`` is ``p_holm < alpha``."""
     results = {name: paired_comparison(a, b, higher_is_better, alpha) for name, b in others.items()}
+    return holm_family(results, alpha)
+
+
+def holm_family(results: dict, alpha: float = 0.05) -> dict:
+    """Comparisons (name -> :func:`paired_comparison` result) as one family: each gains
+    ``p_holm`` (Holm-adjusted paired-t p) and its ``significant`` becomes ``p_holm < alpha``."""
     for result, adjusted in zip(results.values(), holm([r["p_ttest"] for r in results.values()]),
                                 strict=True):
         result.update(p_holm=adjusted, significant=bool(adjusted < alpha))

@@ -98,7 +98,6 @@ class TDConfig(LogitKDConfig, ChannelConfig):
         "matched", description="(diagnostic) shuffled: each example receives the answer to the "
         "next example's question in its batch (a cyclic shift: never its own)")
 
-
     @model_validator(mode="after")
     def _one_weight_per_round(self):
         weights = self.round_weights
@@ -169,13 +168,16 @@ class TalkingDistillation(Consistency, LogitKD):
             frozen["random_teacher"] = twin
         return frozen
 
+    def _twin_parameters(self) -> list[torch.nn.Parameter]:
+        twin = self._modules.get("random_teacher")
+        return [] if twin is None else list(twin.parameters())
+
     def learnable_parameters(self):
-        twin = {id(p) for p in self.frozen_modules().get("random_teacher", torch.nn.Module()).parameters()}
+        twin = {id(p) for p in self._twin_parameters()}
         return [p for p in super().learnable_parameters() if id(p) not in twin]
 
     def extra_parameter_count(self) -> int:
-        twin = self.frozen_modules().get("random_teacher", torch.nn.Module())
-        return super().extra_parameter_count() - sum(p.numel() for p in twin.parameters())
+        return super().extra_parameter_count() - sum(p.numel() for p in self._twin_parameters())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -220,9 +222,8 @@ class TalkingDistillation(Consistency, LogitKD):
             heard = gate * t_l + (1 - gate) * heard
         with torch.autocast(heard.device.type, torch.bfloat16,
                             enabled=self.config.interact_precision == "bf16"):
-            if self.config.interpreter == "random":
-                return self.teacher_between(t_low, t_high, heard, batch, self.random_teacher)
-            return self.teacher_between(t_low, t_high, heard, batch)
+            # (interpreter: random: the re-initialised twin; else None, the teacher itself)
+            return self.teacher_between(t_low, t_high, heard, batch, self._modules.get("random_teacher"))
 
     def forward_train(self, batch: Batch):
         cfg = self.config

@@ -141,7 +141,7 @@ def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study
     family), the verdict (the interaction carries this teacher's knowledge only where the
     configuration is significantly better than both no interaction and the re-initialised
     teacher) and the setting's best label by mean. "" when no setting ran a diagnostic."""
-    from talkingmodels.analysis import holm, paired_comparison
+    from talkingmodels.analysis import holm_family, paired_comparison
     from talkingmodels.suites import GROUNDED
 
     keys = [key for key, group in summary.groupby(["task", "setting"], sort=False)
@@ -155,10 +155,8 @@ def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study
         table = _values(results[(results.task == task) & (results.setting == setting)])
         higher = _higher(here)
         configs = [c for c in (study.focus, *GROUNDED) if c in table]
-        pairs = {(c, d): paired_comparison(table[c], table[d], higher)
-                 for c in configs for d in DIAGNOSTICS if d in table}
-        for c, adjusted in zip(pairs.values(), holm([c["p_ttest"] for c in pairs.values()]), strict=True):
-            c.update(p_holm=adjusted, significant=bool(adjusted < 0.05))
+        pairs = holm_family({(c, d): paired_comparison(table[c], table[d], higher)
+                             for c in configs for d in DIAGNOSTICS if d in table})
         best = here.sort_values("mean", ascending=not higher).method.iloc[0]
         for config in configs:
             cells, better = [], []

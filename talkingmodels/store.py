@@ -138,14 +138,11 @@ def machine() -> dict:
 
 def record_task(out: Path, task: str, options: dict, settings: list[str], methods: list[str]) -> None:
     """Add a grid's task to ``tasks.json``: its options, its settings and method labels after
-    those already recorded, and this machine (:func:`machine`) if it is a new one. Where the
-    data and caches lie (``data_dir``, ``cache_dir``) is left out: it shapes no result, and a
-    store is shared between machines."""
+    those already recorded, and this machine (:func:`machine`) if it is a new one."""
     tasks = read_tasks(out)
     known = tasks.get(task, {})
     machines = known.get("machines", [])
-    shaping = {k: v for k, v in options.items() if k not in ("data_dir", "cache_dir")}
-    tasks[task] = {"options": json.loads(json.dumps(shaping, default=str)),
+    tasks[task] = {"options": json.loads(json.dumps(options, default=str)),
                    "settings": list(dict.fromkeys([*known.get("settings", []), *settings])),
                    "methods": list(dict.fromkeys([*known.get("methods", []), *methods])),
                    "machines": machines + ([machine()] if machine() not in machines else [])}

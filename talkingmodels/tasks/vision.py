@@ -194,9 +194,10 @@ class FashionVision(ClassificationTask):
     Config = VisionConfig
     default_settings = tuple(SETTINGS)
     ablation_settings = ("fashion-1k",)
-    # the teacher's probe is below scratch on fashion-1k (its logits are weak, its features
-    # rich); -tiny: the capacity gap; fashion-300: little data
-    research_settings = ("fashion-1k", "fashion-1k-tiny", "fashion-300")
+    # -tiny: the capacity gap; fashion-300: little data. fashion-1k, where the teacher's probe
+    # is below scratch (weak logits, rich features), is the ablated setting: the ablations
+    # and full suites already run td with w0 = 0 and the feature baselines there.
+    research_settings = ("fashion-1k-tiny", "fashion-300")
     class_names = CLASSES
     # 10,000 images converge in about 10 epochs; 1,000 (8 steps an epoch) need many more.
     default_train = {"epochs": 12, "batch_size": 128, "lr": 2e-3, "patience": 4}

@@ -301,6 +301,28 @@ def test_diagnostics_table_by_hand(tmp_path):
     assert "## Does the interaction carry the teacher's knowledge?" in write_report(tmp_path).read_text()
 
 
+def test_weak_logits_table_by_hand(tmp_path):
+    """RMSE, a teacher (1.2) worse than scratch (1.0): td-no-kd (0.95 + noise) against fitnet
+    (0.1 + noise / 2 worse: a difference of +0.1005, significant) and kd-modules (the same
+    values: +0.0, p 1); feature-kd did not run. A teacher better than scratch: no table."""
+    from talkingmodels.report import weak_logits_table
+
+    noise = [0.0, 0.002, -0.001, 0.001, 0.003]
+    no_kd = [0.95 + n for n in noise]
+    results = pd.DataFrame(rows("scratch", [1.0] * 5) + rows("td-no-kd", no_kd)
+                           + rows("fitnet", [v + 0.1 + n / 2 for v, n in zip(no_kd, noise, strict=True)])
+                           + rows("kd-modules", no_kd))
+    results["teacher_value"] = 1.2
+    lines = weak_logits_table(summarise(results), results).splitlines()
+    assert lines[0].startswith("| setting | teacher | scratch | td-no-kd | fitnet; td-no-kd minus it (p Holm) |")
+    assert lines[2].startswith("| movielens / dense | 1.2000 | 1.0000 | 0.9510 | 1.0515; +0.1005 (0.000*) |")
+    assert lines[2].endswith("| not run | 0.9510; +0.0000 (1.000) |")
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert "## Weak logits, rich features" in write_report(tmp_path).read_text()
+    results["teacher_value"] = 0.9
+    assert weak_logits_table(summarise(results), results) == ""
+
+
 def test_a_store_of_variants_only_has_a_report(tmp_path):
     """A setting holding only variants of the focus (a user's grid of TD options) still gets
     its section: the teacher's line and the ablation table, no method table."""

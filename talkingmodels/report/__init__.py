@@ -13,6 +13,7 @@ from talkingmodels.report.blocks import (
     GAP_INTRO,
     README_END,
     README_START,
+    WEAK_LOGITS_INTRO,
     diagnostics_intro,
     readme_block,
     readme_markers,
@@ -45,6 +46,7 @@ from talkingmodels.report.tables import (
     tuning_table,
     undistillable_table,
     versus_table,
+    weak_logits_table,
 )
 from talkingmodels.store import machines_text, read_curves, read_results
 
@@ -54,7 +56,8 @@ __all__ = [
     "diagnostics_table", "forest_plot", "forest_rows", "gains_table", "gap_table", "is_tuning",
     "markdown_table", "overview_table", "paired_table", "plot_curves", "readme_block", "readme_markers",
     "relative_gain", "significance_line", "summarise", "tuning_table", "undistillable_table",
-    "update_readme", "versus_table", "without_variants", "write_report",
+    "update_readme", "versus_table", "WEAK_LOGITS_INTRO", "weak_logits_table", "without_variants",
+    "write_report",
 ]
 
 
@@ -98,6 +101,8 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
         if diagnostics := diagnostics_table(summary, results, study):
             lines += ["## Does the interaction carry the teacher's knowledge?", "",
                       diagnostics_intro(study), "", diagnostics, ""]
+    if weak := weak_logits_table(summary, results, study):
+        lines += ["## Weak logits, rich features", "", WEAK_LOGITS_INTRO, "", weak, ""]
     for task, group in methods.groupby("task", sort=False):
         if group.setting.nunique() > 1:
             lines += [f"## {task}: all settings", "", overview_table(group), ""]

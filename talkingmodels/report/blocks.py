@@ -19,6 +19,7 @@ from talkingmodels.report.tables import (
     tuning_table,
     undistillable_table,
     versus_table,
+    weak_logits_table,
 )
 from talkingmodels.store import machines_text, read_results
 
@@ -31,6 +32,12 @@ README_END = "<!-- end of results of {store} -->"
 GAP_INTRO = ("Share of the gap between scratch and the frozen teacher that each method closes, on "
              "the settings where the teacher is better than scratch on test (100% = as good as the "
              "teacher, above = better than it; negative = worse than scratch):")
+
+
+WEAK_LOGITS_INTRO = ("Weak logits, rich features: on the settings where the frozen teacher is worse "
+                     "than scratch on test, TD without its KD term (w0 = 0, td-no-kd) against the "
+                     "methods that learn from the teacher's features, paired by seed (difference "
+                     "positive = td-no-kd is better; p Holm-adjusted over the setting's comparisons):")
 
 
 def diagnostics_intro(study: Study = STUDY) -> str:
@@ -88,12 +95,14 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
                   "variant is better):", "", ablations, ""]
         if diagnostics := diagnostics_table(summary, results, study):
             lines += [diagnostics_intro(study), "", diagnostics, ""]
-        if methods.method.nunique() == 1:  # a store of the focus's variants only: their tests too
-            for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
-                runs = results[(results.task == task) & (results.setting == setting)]
-                lines += [f"{task} / {setting}, paired by seed against the default {study.name} "
-                          "(p Holm-adjusted over the setting's variants; * below 0.05):", "",
-                          ablation_table(group, runs, study), ""]
+    if weak := weak_logits_table(summary, results, study):
+        lines += [WEAK_LOGITS_INTRO, "", weak, ""]
+    if ablations and methods.method.nunique() == 1:  # a store of the focus's variants only: their tests too
+        for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
+            runs = results[(results.task == task) & (results.setting == setting)]
+            lines += [f"{task} / {setting}, paired by seed against the default {study.name} "
+                      "(p Holm-adjusted over the setting's variants; * below 0.05):", "",
+                      ablation_table(group, runs, study), ""]
     if results.peak_gib.notna().any():  # (stores from before peaks were recorded have none)
         lines += [f"Runs in this store. {machines_text(out)}", "", compute_table(results), ""]
     return "\n".join(lines).rstrip("\n")

@@ -172,6 +172,43 @@ def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study
     return "\n".join(lines)
 
 
+# The methods that learn from the teacher's features, not its logits (the parameter-matched
+# control too): where the teacher's logits are weak, the focus without its KD term (w0 = 0)
+# must beat them for its exchange to be the better way to read those features.
+FEATURE_METHODS = ("fitnet", "feature-kd", "kd-modules")
+NO_KD = "td-no-kd"
+
+
+def weak_logits_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
+    """Per setting where the frozen teacher is worse than the reference (scratch) on test
+    (weak logits) and ``td-no-kd`` ran: its mean against the reference's and the teacher's,
+    and against each feature method paired by seed (difference, positive = td-no-kd is
+    better; p Holm-adjusted over the setting's comparisons, one family). "" when none."""
+    from talkingmodels.analysis import holm_family, paired_comparison
+
+    lines = []
+    for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
+        here = group[~group.na.fillna(False)]
+        means = dict(zip(here.method, here["mean"], strict=True))
+        if NO_KD not in means or study.reference not in means:
+            continue
+        higher, teacher, base = _higher(here), here.teacher.iloc[0], means[study.reference]
+        if not ((teacher < base) if higher else (teacher > base)):
+            continue
+        table = _values(results[(results.task == task) & (results.setting == setting)])
+        pairs = holm_family({m: paired_comparison(table[NO_KD], table[m], higher)
+                             for m in FEATURE_METHODS if m in table})
+        cells = [f"{means[m]:.4f}; {pairs[m]['mean_diff']:+.4f} ({_p_text(pairs[m])})" if m in pairs
+                 else "not run" for m in FEATURE_METHODS]
+        lines.append(f"| {task} / {setting} | {teacher:.4f} | {base:.4f} | {means[NO_KD]:.4f} | "
+                     + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = (f"| setting | teacher | {study.reference} | {NO_KD} | "
+            + " | ".join(f"{m}; {NO_KD} minus it (p Holm)" for m in FEATURE_METHODS) + " |")
+    return "\n".join([head, "|---" * (len(FEATURE_METHODS) + 4) + "|", *lines])
+
+
 def gap_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     """Per setting where the frozen teacher beats the reference (scratch) on test: the share
     of the reference-to-teacher gap each method's mean closes, in percent (100% = as good as

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from talkingmodels.report import relative_gain, summarise, write_report
+from talkingmodels.report import gains_table, overview_table, relative_gain, summarise, write_report
 from talkingmodels.store import RESULT_COLUMNS
 
 
@@ -166,14 +166,19 @@ def test_versus_table_by_hand():
     results = pd.DataFrame(rows("td", [0.80, 0.90, 1.00]) + rows("a", [0.90, 1.02, 1.08])
                            + rows("b", [0.70, 1.00, 1.00]) + rows("c", [0.70, 0.80, 0.92]))
     other = pd.DataFrame(rows("td", [1.0, 0.9]) + rows("dkd", [1.1, 1.05])).assign(setting="sparse")
-    results = pd.concat([results, other], ignore_index=True)
+    # dkd has no meaning on dense (an n/a row); a, b and c did not run on sparse
+    na = pd.DataFrame(rows("dkd", [None])).assign(status="n/a: no class distribution")
+    results = pd.concat([results, other, na], ignore_index=True)
     summary = summarise(results)
     lines = versus_table(results, summary).splitlines()
     assert lines[0] == "| td against | movielens / dense | movielens / sparse | td better / worse |"
-    assert lines[2:] == ["| a | better (p 0.026) | n/a | 1 / 0 |",
-                         "| b | n.s. (p 1.000) | n/a | 0 / 0 |",
-                         "| c | worse (p 0.015) | n/a | 0 / 1 |",
+    assert lines[2:] == ["| a | better (p 0.026) | not run | 1 / 0 |",
+                         "| b | n.s. (p 1.000) | not run | 0 / 0 |",
+                         "| c | worse (p 0.015) | not run | 0 / 1 |",
                          "| dkd | n/a | n.s. (p 0.126) | 0 / 0 |"]
+    assert "| dkd | n/a | n/a | n/a | 1.0750 | 1.0750 ± 0.0354 | n/a |" in overview_table(summary)
+    assert "| a | 1.0000 | 1.0000 ± 0.0917 | n/a | not run | not run | not run |" in overview_table(summary)
+    assert "| a | n/a | not run | n/a |" in gains_table(summary)
 
 
 def test_forest_rows_by_hand(tmp_path):
@@ -314,13 +319,28 @@ def test_weak_logits_table_by_hand(tmp_path):
                            + rows("kd-modules", no_kd))
     results["teacher_value"] = 1.2
     lines = weak_logits_table(summarise(results), results).splitlines()
-    assert lines[0].startswith("| setting | teacher | scratch | td-no-kd | fitnet; td-no-kd minus it (p Holm) |")
+    assert lines[0].startswith("| setting | teacher | scratch | td-no-kd | "
+                               "fitnet; td-no-kd minus it (p Holm) |")
     assert lines[2].startswith("| movielens / dense | 1.2000 | 1.0000 | 0.9510 | 1.0515; +0.1005 (0.000*) |")
     assert lines[2].endswith("| not run | 0.9510; +0.0000 (1.000) |")
     results.to_csv(tmp_path / "results.csv", index=False)
     assert "## Weak logits, rich features" in write_report(tmp_path).read_text()
     results["teacher_value"] = 0.9
     assert weak_logits_table(summarise(results), results) == ""
+
+
+def test_ablation_overview_by_hand():
+    """RMSE: td-m8 0.2% worse than td (0.902 against 0.9) on dense, not run on sparse, where
+    only td-no-kd ran beside td (1% better: 0.99 against 1.0)."""
+    from talkingmodels.report import ablation_overview
+
+    sparse = pd.DataFrame(rows("td", [1.0, 1.0]) + rows("td-no-kd", [0.99, 0.99])).assign(setting="sparse")
+    results = pd.concat([pd.DataFrame(rows("td", [0.9, 0.9]) + rows("td-m8", [0.902, 0.902])), sparse])
+    lines = ablation_overview(summarise(results)).splitlines()
+    assert lines[0] == "| variant | change from td | movielens / dense | movielens / sparse |"
+    assert "| td-no-kd | weight 0.0 | not run | +1.00% |" in lines
+    assert "| td-m8 | message_dim 8 | -0.22% | not run |" in lines
+    assert not any(line.startswith("| scratch") for line in lines)  # run nowhere: no row
 
 
 def test_a_store_of_variants_only_has_a_report(tmp_path):

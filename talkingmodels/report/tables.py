@@ -62,8 +62,8 @@ def overview_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
         cells = []
         for setting in settings:
             row = summary[(summary.method == method) & (summary.setting == setting)]
-            if row.empty or _na(row.iloc[0]):
-                cells += ["n/a"] * 3
+            if row.empty or _na(row.iloc[0]):  # not in the grid there, or no meaning there
+                cells += ["not run" if row.empty else "n/a"] * 3
                 continue
             r = row.iloc[0]
             cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", _gain_text(r)]
@@ -232,7 +232,9 @@ def gap_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     lines = ["| method | " + " | ".join(f"{t} / {s}" for t, s in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method in dict.fromkeys(summary.method):
         if method != study.reference and any((method, *key) in cells for key in keys):
-            row = (cells.get((method, *key), "n/a") for key in keys)
+            ran = {(t, s) for t, s in zip(summary.task[summary.method == method],
+                                          summary.setting[summary.method == method], strict=True)}
+            row = (cells.get((method, *key), "n/a" if key in ran else "not run") for key in keys)
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -257,11 +259,11 @@ def ablation_overview(summary: pd.DataFrame, study: Study = STUDY) -> str:
             group = summary[(summary.task == task) & (summary.setting == setting)]
             row, default = group[group.method == label], group[group.method == study.focus]
             if row.empty or default.empty or _na(row.iloc[0]):
-                cells.append("n/a")
+                cells.append("not run" if row.empty or default.empty else "n/a")
                 continue
             higher = _higher(summary[summary.task == task])
             cells.append(f"{relative_gain(row.iloc[0]['mean'], default.iloc[0]['mean'], higher):+.2f}%")
-        if set(cells) != {"n/a"}:
+        if set(cells) - {"n/a", "not run"}:
             change = "no distillation" if label == study.reference else _change(label)
             lines.append(f"| {label} | {change} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -333,10 +335,11 @@ def versus_table(results: pd.DataFrame, summary: pd.DataFrame, study: Study = ST
         if other == focus:
             continue
         cells, counts = [], {"better": 0, "worse": 0, "n.s.": 0}
-        for family in families.values():
+        for (task, setting), family in families.items():
             c = family.get(other)
             if c is None or pd.isna(c["p_ttest"]):
-                cells.append("n/a")
+                here = (summary.task == task) & (summary.setting == setting)
+                cells.append("n/a" if (here & (summary.method == other)).any() else "not run")
                 continue
             word = ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "n.s."
             counts[word] += 1
@@ -358,7 +361,7 @@ def gains_table(summary: pd.DataFrame) -> str:
             usable = not row.empty and not _na(row.iloc[0])
             gain = row.iloc[0].get("gain_pct") if usable else None
             if gain is None or pd.isna(gain):
-                cells.append("n/a")
+                cells.append("n/a" if not row.empty else "not run")
             else:
                 cells.append(f"{gain:+.2f}%")
                 gains.append(gain)

@@ -251,6 +251,13 @@ def test_a_tuning_store_shows_validation_only_and_ties_go_to_the_first_named(tmp
     assert lines[3] == "| pkt-3000 | 0.8600 ± 0.0100 (chosen) |"
     assert lines[4] == "| pkt-300 | 0.8600 ± 0.0000 |"
     assert not any(test in " ".join(lines) for test in ("0.99", "0.98", "0.10", "0.70"))
+    # a second task measured in RMSE (lower is better) in the same store: its own direction
+    # and metric; pkt-30's 0.84 is the lowest there, so it is chosen
+    rmse = results.assign(task="movielens-rmse", metric="rmse", higher_is_better=False)
+    lines = tuning_table(pd.concat([results, rmse])).splitlines()
+    assert lines[0] == "| option | movielens / dense: val accuracy | movielens-rmse / dense: val rmse |"
+    assert lines[3] == "| pkt-3000 | 0.8600 ± 0.0100 (chosen) | 0.8600 ± 0.0100 |"
+    assert lines[5] == "| pkt-30 | 0.8400 ± 0.0000 | 0.8400 ± 0.0000 (chosen) |"
     results.to_csv(tmp_path / "results.csv", index=False)  # report.md too: validation only
     report = write_report(tmp_path).read_text()
     assert "| pkt-3000 | 0.8600 ± 0.0100 (chosen) |" in report

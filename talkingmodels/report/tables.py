@@ -425,30 +425,30 @@ def tuning_table(results: pd.DataFrame) -> str:
     """A tuning store's choice, on validation only (no test number is shown, so none can
     sway it): each option's mean validation metric (± std over the tuning seeds) per
     setting, and, per method, the option the rule fixed in advance picks: the best mean
-    validation metric, ties (equal to 4 decimals) going to the option named first in the
-    config."""
+    validation metric in the task's direction, ties (equal to 4 decimals) going to the
+    option named first in the config."""
     runs = results[~_na_runs(results)]
-    settings = list(dict.fromkeys(runs.setting))
-    metric = runs.metric.iloc[0]
-    higher = _higher(runs)
-    stats = runs.groupby(["setting", "method"], sort=False).val_value.agg(["mean", "std"])
+    keys = list(dict.fromkeys(zip(runs.task, runs.setting, strict=True)))
+    stats = runs.groupby(["task", "setting", "method"], sort=False).val_value.agg(["mean", "std"])
     chosen = set()
-    for (setting, _), group in runs.groupby(["setting", "method_name"], sort=False):
-        means = {m: round(float(stats.loc[(setting, m), "mean"]), 4) for m in dict.fromkeys(group.method)}
+    for (task, setting, _), group in runs.groupby(["task", "setting", "method_name"], sort=False):
+        means = {m: round(float(stats.loc[(task, setting, m), "mean"]), 4)
+                 for m in dict.fromkeys(group.method)}
         if len(means) < 2:  # a reference (scratch), not a choice
             continue
-        best = max(means.values()) if higher else min(means.values())
-        chosen.add((setting, next(m for m, v in means.items() if v == best)))
-    lines = ["| option | " + " | ".join(f"{s}: val {metric}" for s in settings) + " |",
-             "|---" * (len(settings) + 1) + "|"]
+        best = max(means.values()) if _higher(group) else min(means.values())
+        chosen.add((task, setting, next(m for m, v in means.items() if v == best)))
+    several = len({task for task, _ in keys}) > 1  # (then each column names its task)
+    heads = [f"{f'{t} / ' if several else ''}{s}: val {runs[runs.task == t].metric.iloc[0]}" for t, s in keys]
+    lines = ["| option | " + " | ".join(heads) + " |", "|---" * (len(keys) + 1) + "|"]
     for method in dict.fromkeys(runs.method):
         cells = []
-        for setting in settings:
-            if (setting, method) not in stats.index:
-                cells.append("n/a")
+        for task, setting in keys:
+            if (task, setting, method) not in stats.index:
+                cells.append("not run")
                 continue
-            mean, std = stats.loc[(setting, method)]
-            mark = " (chosen)" if (setting, method) in chosen else ""
+            mean, std = stats.loc[(task, setting, method)]
+            mark = " (chosen)" if (task, setting, method) in chosen else ""
             cells.append(f"{mean:.4f} ± {0.0 if pd.isna(std) else std:.4f}{mark}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -51,12 +51,12 @@ from talkingmodels.report.tables import (
 from talkingmodels.store import machines_text, read_curves, read_results
 
 __all__ = [
-    "GAP_INTRO", "README_END", "README_START", "REFERENCE", "STUDY", "Study", "ablation_overview",
-    "ablation_table", "best_other", "cka_section", "compared", "compute_table", "diagnostics_intro",
-    "diagnostics_table", "forest_plot", "forest_rows", "gains_table", "gap_table", "is_tuning",
-    "markdown_table", "overview_table", "paired_table", "plot_curves", "readme_block", "readme_markers",
-    "relative_gain", "significance_line", "summarise", "tuning_table", "undistillable_table",
-    "update_readme", "versus_table", "WEAK_LOGITS_INTRO", "weak_logits_table", "without_variants",
+    "GAP_INTRO", "README_END", "README_START", "REFERENCE", "STUDY", "Study", "WEAK_LOGITS_INTRO",
+    "ablation_overview", "ablation_table", "best_other", "cka_section", "compared", "compute_table",
+    "diagnostics_intro", "diagnostics_table", "forest_plot", "forest_rows", "gains_table", "gap_table",
+    "is_tuning", "markdown_table", "overview_table", "paired_table", "plot_curves", "readme_block",
+    "readme_markers", "relative_gain", "significance_line", "summarise", "tuning_table",
+    "undistillable_table", "update_readme", "versus_table", "weak_logits_table", "without_variants",
     "write_report",
 ]
 

@@ -24,6 +24,14 @@ def _na(row) -> bool:
     return bool(value) if value is not None and pd.notna(value) else False
 
 
+def _no_value(summary: pd.DataFrame, task: str, setting: str, method: str) -> str:
+    """The cell of a method without a number on a setting: "n/a" where the store holds it
+    there (no meaning for the task, or nothing to compare), "not run" where its grid did
+    not include it."""
+    here = (summary.task == task) & (summary.setting == setting) & (summary.method == method)
+    return "n/a" if here.any() else "not run"
+
+
 def _gain_text(row) -> str:
     return f"{row['gain_pct']:+.2f}%" if pd.notna(row.get("gain_pct")) else "n/a"
 
@@ -62,8 +70,8 @@ def overview_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
         cells = []
         for setting in settings:
             row = summary[(summary.method == method) & (summary.setting == setting)]
-            if row.empty or _na(row.iloc[0]):  # not in the grid there, or no meaning there
-                cells += ["not run" if row.empty else "n/a"] * 3
+            if row.empty or _na(row.iloc[0]):
+                cells += [_no_value(summary, summary.task.iloc[0], setting, method)] * 3
                 continue
             r = row.iloc[0]
             cells += [f"{r['val_mean']:.4f}", f"{r['mean']:.4f} ± {r['std']:.4f}", _gain_text(r)]
@@ -232,9 +240,7 @@ def gap_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     lines = ["| method | " + " | ".join(f"{t} / {s}" for t, s in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method in dict.fromkeys(summary.method):
         if method != study.reference and any((method, *key) in cells for key in keys):
-            ran = {(t, s) for t, s in zip(summary.task[summary.method == method],
-                                          summary.setting[summary.method == method], strict=True)}
-            row = (cells.get((method, *key), "n/a" if key in ran else "not run") for key in keys)
+            row = (cells.get((method, *key)) or _no_value(summary, *key, method) for key in keys)
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -259,7 +265,7 @@ def ablation_overview(summary: pd.DataFrame, study: Study = STUDY) -> str:
             group = summary[(summary.task == task) & (summary.setting == setting)]
             row, default = group[group.method == label], group[group.method == study.focus]
             if row.empty or default.empty or _na(row.iloc[0]):
-                cells.append("not run" if row.empty or default.empty else "n/a")
+                cells.append(_no_value(summary, task, setting, label) if not default.empty else "not run")
                 continue
             higher = _higher(summary[summary.task == task])
             cells.append(f"{relative_gain(row.iloc[0]['mean'], default.iloc[0]['mean'], higher):+.2f}%")
@@ -338,8 +344,7 @@ def versus_table(results: pd.DataFrame, summary: pd.DataFrame, study: Study = ST
         for (task, setting), family in families.items():
             c = family.get(other)
             if c is None or pd.isna(c["p_ttest"]):
-                here = (summary.task == task) & (summary.setting == setting)
-                cells.append("n/a" if (here & (summary.method == other)).any() else "not run")
+                cells.append(_no_value(summary, task, setting, other))
                 continue
             word = ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "n.s."
             counts[word] += 1
@@ -361,7 +366,7 @@ def gains_table(summary: pd.DataFrame) -> str:
             usable = not row.empty and not _na(row.iloc[0])
             gain = row.iloc[0].get("gain_pct") if usable else None
             if gain is None or pd.isna(gain):
-                cells.append("n/a" if not row.empty else "not run")
+                cells.append(_no_value(summary, task, setting, method))
             else:
                 cells.append(f"{gain:+.2f}%")
                 gains.append(gain)

@@ -368,3 +368,25 @@ def test_bench_defaults_to_a_job_per_core_with_one_thread_on_tiny_models(
     # run (a config's own grid) keeps one job unless told
     path = write(tmp_path / "exp.yaml", {**config, "train": {"epochs": 1}})
     assert cli.main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+
+
+def test_a_serial_run_lets_each_setting_go_after_its_runs(config, tmp_path, capsys, monkeypatch):
+    """One process runs the settings one after another and drops each after its last run,
+    so that it never holds every setting's data (memory-mapped teacher caches included) at
+    once: no earlier setting is alive when a later one's runs start."""
+    import gc
+    import weakref
+
+    alive, real = [], runner._run_one
+
+    def spy(exp, prep, *args, **kwargs):
+        gc.collect()
+        alive.append((prep.setting, sorted(s for s, ref in refs if ref() is not None and s != prep.setting)))
+        refs.append((prep.setting, weakref.ref(prep)))
+        return real(exp, prep, *args, **kwargs)
+
+    refs: list = []
+    monkeypatch.setattr(runner, "_run_one", spy)
+    config.update(settings=["dense", "sparse"], methods=[{"name": "scratch"}], train={"epochs": 1})
+    assert call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "out")[0] == 0
+    assert alive == [("dense", []), ("sparse", [])]

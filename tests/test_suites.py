@@ -168,3 +168,16 @@ def test_peak_memory_of_nested_blocks():
             pass
     assert first.peak > second.peak + 0.15
     assert outer.peak == pytest.approx(first.peak, abs=0.01)
+
+
+def test_a_workers_peak_counts_in_every_open_block():
+    """With --jobs the runs' memory is the workers': the bench's printed peak is its largest
+    process's, so a worker's peak is folded into every block that is open."""
+    from talkingmodels.probes import PeakMemory
+
+    with PeakMemory() as outer:
+        with PeakMemory() as inner:
+            PeakMemory.include(50.0)  # far above this process
+    with PeakMemory() as later:
+        pass
+    assert inner.peak == outer.peak == 50.0 and later.peak < 50.0

@@ -400,3 +400,22 @@ def test_td_learns_on_tweets(tmp_path, encoder):
     result = fit(method, prepared.splits, Sentiment.metric,
                  TrainConfig(epochs=4, batch_size=32, lr=3e-3), seed=0)
     assert result.test > majority + 0.05, (result.test, majority)
+
+
+def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared):
+    """The cache is built in batches of 64 sentences and evaluation runs in batches of 256, to
+    bound the memory a large split takes at once: neither changes a value. Every batch is
+    padded to the split's width (the cache) or masked (the student), so the states and the
+    logits are the same bit for bit in small batches and in one."""
+    from talkingmodels import frozen
+    from talkingmodels.engine import predict
+
+    teacher, split, layers = prepared.teacher, prepared.splits.val, prepared.teacher_layers
+    ids, mask = split.student_inputs
+    small, whole = (frozen._compute(teacher, (ids, mask), layers, teacher.features, size, mask.sum(1),
+                                    torch.float32) for size in (3, len(ids)))
+    assert small.keys() == whole.keys()
+    for key in small:
+        assert torch.equal(small[key], whole[key]), key
+    student = prepared.build_student().eval()
+    assert torch.equal(predict(student, split, 3), predict(student, split, len(ids)))

@@ -202,3 +202,19 @@ def test_a_run_records_per_class_test_and_validation_accuracy(prepared):
     for column, split in (("class_metric", prepared.splits.test), ("class_metric_val", prepared.splits.val)):
         expected = class_accuracy(predict(student, split), split.target)
         assert json.loads(row[column]) == {str(c): round(v, 6) for c, v in expected.items()}
+
+
+def test_the_teachers_test_states_are_computed_in_small_batches(prepared, monkeypatch):
+    """The teacher's pooled test states (for CKA) run in batches of at most 64: a large
+    teacher's activations on a 512-example batch were the text bench's memory peak."""
+    from talkingmodels import analysis
+
+    sizes, pooled = {}, analysis.pooled_states
+
+    def recording(model, layer, split, side="student", batch_size=1024):
+        sizes[side] = batch_size
+        return pooled(model, layer, split, side, batch_size)
+
+    monkeypatch.setattr(analysis, "pooled_states", recording)
+    runner.representation(prepared, prepared.build_student().eval(), {}, batch_size=512)
+    assert sizes == {"teacher": runner.TEACHER_BATCH, "student": 512} and runner.TEACHER_BATCH <= 64

@@ -209,6 +209,7 @@ def _work(setting: str, label: str, seed: int, out: Path, tensorboard: Path | No
         _, cls, options = next(m for m in exp.methods if m[0] == label)
         outcome = _run_one(exp, _WORKER["prepared"][setting], label, cls, options, seed, out,
                            tensorboard, _WORKER["teacher_test"])
+        release_memory()  # (as a serial run does after each run)
     return {**outcome, "worker_peak": worker.peak}
 
 

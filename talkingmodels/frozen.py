@@ -9,6 +9,9 @@ reuses them; only TD's interpretation step still runs teacher layers while train
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,23 @@ from talkingmodels.io import atomic_save
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def release_pages(tensor: torch.Tensor) -> None:
+    """Give the pages of ``tensor``, a read-only view of a memory-mapped cache file, back to
+    the operating system (Linux ``madvise(MADV_DONTNEED)``; elsewhere nothing happens). The
+    file is mapped privately and never written, so the next read pages the same bytes in
+    again from the file (usually still in the page cache). Only for mapped caches: on
+    ordinary memory this would zero the tensor."""
+    page = mmap.PAGESIZE
+    storage = tensor.untyped_storage()
+    # whole pages: the file is mapped from a page boundary and to the end of its last page
+    start = storage.data_ptr() // page * page
+    end = -(-(storage.data_ptr() + storage.nbytes()) // page) * page
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+
+
 def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -> dict:
     """A cache file's content as states: packed token states (a ``"lengths"`` entry) as
     :class:`~talkingmodels.data.TokenStates`; checked against what was asked (a wrong row
@@ -35,7 +55,7 @@ def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -
         if value.dtype != dtype:
             raise ValueError(f"{layer} is {value.dtype}, not {dtype}")
         if lengths is not None:
-            value = TokenStates(value, lengths, int(stored["width"]))
+            value = TokenStates(value, lengths, int(stored["width"]), release=release_pages)
         result[layer] = value
     if any(len(value) != n for value in result.values()):
         raise ValueError("unexpected row count")

@@ -27,6 +27,12 @@ def _features_last(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x)
 
 
+def _then(trunk: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``trunk(x)``; a linear channel has no trunk (None: no module call per message, which
+    a model of tiny layers feels)."""
+    return x if trunk is None else trunk(x)
+
+
 def to_grid(message: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``message`` laid out on the spatial grid of the state ``like``.
 
@@ -60,12 +66,11 @@ class Encoder(nn.Module):
         super().__init__()
         width = message_dim if kind == "linear" else hidden
         self.inputs = nn.ModuleDict({role: nn.Linear(dim, width) for role, dim in dims.items()})
-        self.trunk = (nn.Identity() if kind == "linear"
-                      else nn.Sequential(nn.ReLU(), nn.Linear(hidden, message_dim)))
+        self.trunk = None if kind == "linear" else nn.Sequential(nn.ReLU(), nn.Linear(hidden, message_dim))
 
     def forward(self, state: torch.Tensor, role: str) -> torch.Tensor:
         """``state`` (batch, ..., dim of layer ``role``) -> message (batch, ..., m)."""
-        return _features_last(lambda x: self.trunk(self.inputs[role](x)), state)
+        return _features_last(lambda x: _then(self.trunk, self.inputs[role](x)), state)
 
 
 class Decoder(nn.Module):
@@ -75,13 +80,12 @@ class Decoder(nn.Module):
                  hidden: int = 64):
         super().__init__()
         width = message_dim if kind == "linear" else hidden
-        self.trunk = (nn.Identity() if kind == "linear"
-                      else nn.Sequential(nn.Linear(message_dim, hidden), nn.ReLU()))
+        self.trunk = None if kind == "linear" else nn.Sequential(nn.Linear(message_dim, hidden), nn.ReLU())
         self.outputs = nn.ModuleDict({role: nn.Linear(width, dim) for role, dim in dims.items()})
 
     def forward(self, message: torch.Tensor, role: str) -> torch.Tensor:
         """``message`` (batch, ..., m) -> state (batch, ..., dim of layer ``role``)."""
-        return _features_last(lambda x: self.outputs[role](self.trunk(x)), message)
+        return _features_last(lambda x: self.outputs[role](_then(self.trunk, x)), message)
 
 
 class Speaker(nn.Module):

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
+import json
+import math
 import mmap
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ from torch import nn
 
 from talkingmodels import losses, taps
 from talkingmodels.data import TokenStates
-from talkingmodels.io import atomic_save
+from talkingmodels.io import atomic_write
 
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -62,37 +66,105 @@ def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -
     return result
 
 
+# safetensors' names of the dtypes a cache holds
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64"}
+
+
 @torch.no_grad()
-def _compute(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...],
-             features: Callable[..., torch.Tensor], batch_size: int, lengths: torch.Tensor | None,
-             cast: torch.dtype) -> dict[str, torch.Tensor]:
-    """The states to store, computed batch by batch straight into their final tensors
-    (packed and cast as they come): the padded float32 states of a whole split never exist
-    at once, so building a cache costs little more memory than the cache itself."""
-    n, stored = len(inputs[0]), {}
-    packed = lengths is not None
-    if packed:
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+def _computed(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...],
+              features: Callable[..., torch.Tensor], batch_size: int, lengths: torch.Tensor | None,
+              cast: torch.dtype) -> Iterator[tuple[int, dict[str, torch.Tensor], set[str]]]:
+    """(first row, {name: value}, the names of packed token states) per batch of
+    ``inputs``: the teacher's states at ``layers`` cast to ``cast`` (token states packed: the
+    batch's real tokens, in order) and its features (in their own dtype, float32 for the
+    probe)."""
     teacher.eval()
-    for start in range(0, n, batch_size):
+    for start in range(0, len(inputs[0]), batch_size):
         batch = tuple(x[start: start + batch_size] for x in inputs)
         with taps.capture(teacher, layers) as states:
             states["features"] = features(*batch)
+        values, tokens = {}, set()
         for name in (*layers, "features"):
             value = states[name].cpu()
-            tokens = packed and name != "features" and value.dim() == 3
-            if tokens:  # this batch's real tokens, in the packed order
+            if lengths is not None and name != "features" and value.dim() == 3:
                 value = value[torch.arange(value.shape[1]) < lengths[start: start + len(value), None]]
-            if name not in stored:  # allocated once, at its final size and dtype
-                rows = int(offsets[-1]) if tokens else n
-                dtype = value.dtype if name == "features" else cast
-                stored[name] = torch.empty((rows, *value.shape[1:]), dtype=dtype)
-                if tokens:
-                    stored["lengths"], stored["width"] = lengths.clone(), torch.tensor(batch[0].shape[1])
-            where = (slice(int(offsets[start]), int(offsets[start + len(batch[0])])) if tokens
-                     else slice(start, start + len(batch[0])))
-            stored[name][where] = value
-    return stored
+                tokens.add(name)
+            values[name] = value if name == "features" else value.to(cast)
+        yield start, values, tokens
+
+
+def _write(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...],
+           features: Callable[..., torch.Tensor], batch_size: int, lengths: torch.Tensor | None,
+           cast: torch.dtype) -> None:
+    """Compute the states batch by batch and write each batch straight to its place in the
+    file (safetensors layout: a JSON header of names, dtypes, shapes and byte ranges, then
+    the data), atomically. No more than one batch's states is ever held in memory (holding
+    the split's whole states while they fill costs the text bench 0.7 GiB)."""
+    n = len(inputs[0])
+    batches = _computed(teacher, inputs, layers, features, batch_size, lengths, cast)
+    first_start, first, tokens = next(batches)
+    # packed token states: where each sentence's tokens start, and the split's lengths and
+    # padded width to unpack them (TokenStates)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]) if tokens else None
+    small = {"lengths": lengths.clone(), "width": torch.tensor(inputs[0].shape[1])} if tokens else {}
+    shapes = {**{name: tuple(value.shape) for name, value in small.items()},
+              **{name: (int(offsets[-1]) if name in tokens else n, *value.shape[1:])
+                 for name, value in first.items()}}
+    dtypes = {name: value.dtype for name, value in {**small, **first}.items()}
+    # widest elements first, so that every tensor starts aligned to its element size
+    names = sorted(shapes, key=lambda name: -dtypes[name].itemsize)
+    header, position = {}, 0
+    for name in names:
+        size = math.prod(shapes[name]) * dtypes[name].itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shapes[name]),
+                        "data_offsets": [position, position + size]}
+        position += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # (padded: the data starts 8-byte aligned)
+    base = 8 + len(text)
+
+    def at(name: str, row: int) -> int:  # the byte where row `row` of `name` goes
+        row_bytes = math.prod(shapes[name][1:]) * dtypes[name].itemsize
+        return base + header[name]["data_offsets"][0] + row * row_bytes
+
+    def write(handle):
+        handle.write(len(text).to_bytes(8, "little") + text)
+        handle.flush()
+        fd = handle.fileno()
+        os.ftruncate(fd, base + position)
+        for name, value in small.items():
+            os.pwrite(fd, value.numpy().tobytes(), at(name, 0))
+        for start, values, _ in itertools.chain([(first_start, first, tokens)], batches):
+            for name, value in values.items():
+                row = int(offsets[start]) if name in tokens else start
+                os.pwrite(fd, value.contiguous().numpy().tobytes(), at(name, row))
+
+    atomic_write(path, write)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a cache file (safetensors), as read-only views of one private memory
+    mapping of the file; a file that is not whole (truncated, a header that does not match
+    its data) raises ValueError."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError("no safetensors header")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+    data = size - 8 - length
+    if max((entry["data_offsets"][1] for entry in header.values()), default=0) != data:
+        raise ValueError(f"the header describes another data size than the file's {data} bytes")
+    flat = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        tensors[name] = flat[8 + length + begin: 8 + length + end].view(dtypes[entry["dtype"]]).view(
+            entry["shape"])
+    return tensors
 
 
 def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...],
@@ -104,7 +176,8 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
     else computed in batches and written there atomically. A file that cannot be read or
     holds something else is recomputed, never used.
 
-    The file is memory-mapped, not read: only the rows a batch gathers are paged in, and
+    The file (safetensors) is written batch by batch as the states are computed, and
+    memory-mapped, not read: only the rows a batch gathers are paged in, and
     the pages stay the operating system's to drop. The states are stored in ``dtype``
     (``float16`` halves them; the pooled features stay float32 for the probe). Given
     ``lengths`` (real tokens per right-padded sentence), token states are stored packed,
@@ -112,13 +185,12 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
     n, cast = len(inputs[0]), CACHE_DTYPES[dtype]
     if path.is_file():
         try:
-            return _states(torch.load(path, mmap=True, weights_only=True), layers, n, cast)
+            return _states(_read(path), layers, n, cast)
         except Exception as exc:
             print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
     print(f"computing the teacher's states on {n} {what} examples (cached afterwards)", file=sys.stderr)
-    stored = _compute(teacher, inputs, layers, features, batch_size, lengths, cast)
-    atomic_save(stored, path)
-    return _states(torch.load(path, mmap=True, weights_only=True), layers, n, cast)
+    _write(path, teacher, inputs, layers, features, batch_size, lengths, cast)
+    return _states(_read(path), layers, n, cast)
 
 
 def attach_probe(teacher: nn.Module, splits, layers: tuple[str, str],

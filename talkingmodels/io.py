@@ -24,6 +24,12 @@ def atomic_save(obj, path: Path) -> None:
     _replace(path.with_name(path.name + ".tmp"), path, lambda handle: torch.save(obj, handle))
 
 
+def atomic_write(path: Path, write) -> None:
+    """``write(handle)`` into a temporary file (opened "wb"), fsync, rename."""
+    path = Path(path)
+    _replace(path.with_name(path.name + ".tmp"), path, write)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     _replace(path.with_name(path.name + ".tmp"), path, lambda handle: handle.write(text.encode()))

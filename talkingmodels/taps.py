@@ -140,7 +140,8 @@ def _sequential_path(model: nn.Module, low: str, high: str) -> list[nn.Module] |
         return None
     if int(low_index) >= int(high_index):
         raise UserError(f"layer {low!r} must run before layer {high!r} (l before h)")
-    return list(parent[int(low_index) + 1 : int(high_index) + 1])
+    # (a list of the children, not parent[a:b]: slicing builds a new Sequential per call)
+    return list(parent)[int(low_index) + 1 : int(high_index) + 1]
 
 
 def check_order(model: nn.Module, low: str, high: str, *inputs, **kwargs) -> None:

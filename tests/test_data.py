@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from talkingmodels.data import LazyRows, Split
 
@@ -87,11 +88,10 @@ def test_a_mapped_token_cache_gives_its_pages_back_while_an_epoch_reads_it(tmp_p
 
     n, width, dim = 2048, 16, 512  # 64 MiB of float32 states, every token real
     values = torch.randn(n * width, dim, generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "cache.pt"
-    torch.save({"states": values, "lengths": torch.full((n,), width), "width": torch.tensor(width),
-                "features": torch.zeros(n, 1)}, path)
-    mapped = frozen._states(torch.load(path, mmap=True, weights_only=True), ("states",), n,
-                            torch.float32)["states"]
+    path = tmp_path / "cache.safetensors"
+    save_file({"states": values, "lengths": torch.full((n,), width), "width": torch.tensor(width),
+               "features": torch.zeros(n, 1)}, path)
+    mapped = frozen._states(frozen._read(path), ("states",), n, torch.float32)["states"]
     expected = values.view(n, width, dim)
     # (the first gather pages in parts of torch's own libraries: measured from after it)
     assert torch.equal(mapped.rows(torch.arange(4)), expected[:4])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from talkingmodels import taps
 from talkingmodels.errors import UserError
@@ -289,7 +290,7 @@ def test_padding_positions_get_no_gradient_and_change_no_term(prepared, name, op
 
 
 def _train_cache(folder) -> Path:
-    (path,) = (folder / "cache" / "teacher-states").glob("*-train-24.pt")
+    (path,) = (folder / "cache" / "teacher-states").glob("*-train-24.safetensors")
     return path
 
 
@@ -301,7 +302,7 @@ def test_token_states_are_cached_packed_mapped_and_exact(tmp_path, encoder):
     prepared = task(tmp_path, encoder, limit=30).prepare("tweets")
     train = prepared.splits.train
     ids, mask = train.student_inputs
-    stored = torch.load(_train_cache(tmp_path), weights_only=True)
+    stored = load_file(_train_cache(tmp_path))  # a standard safetensors file
     assert torch.equal(stored["lengths"], mask.sum(1))
     with torch.no_grad(), taps.capture(prepared.teacher, prepared.teacher_layers) as online:
         prepared.teacher(ids, mask)
@@ -346,16 +347,16 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, encoder, teacher_calls, capsys, da
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
-        stored = torch.load(path, weights_only=True)
+        stored = load_file(path)
         layer = first.teacher_layers[0]
-        torch.save({**stored, layer: stored[layer][:-1]}, path)
+        save_file({**stored, layer: stored[layer][:-1]}, path)
     teacher_calls.clear()
     again = task(tmp_path, encoder, limit=30).prepare("tweets")
     assert "unreadable" in capsys.readouterr().err
     assert sum(teacher_calls) == 24  # the training split's states only, computed again
     for layer in first.teacher_layers:
         assert torch.equal(before[layer], again.splits.train.teacher_cache[layer][:])
-    torch.load(path, weights_only=True)  # whole again
+    load_file(path)  # whole again
 
 
 def test_no_sentence_is_in_training_and_in_validation_or_test(tmp_path, encoder):
@@ -402,7 +403,7 @@ def test_td_learns_on_tweets(tmp_path, encoder):
     assert result.test > majority + 0.05, (result.test, majority)
 
 
-def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared):
+def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_path):
     """The cache is built in batches of 64 sentences and evaluation runs in batches of 256, to
     bound the memory a large split takes at once: neither changes a value. Every batch is
     padded to the split's width (the cache) or masked (the student), so the states and the
@@ -412,8 +413,10 @@ def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared):
 
     teacher, split, layers = prepared.teacher, prepared.splits.val, prepared.teacher_layers
     ids, mask = split.student_inputs
-    small, whole = (frozen._compute(teacher, (ids, mask), layers, teacher.features, size, mask.sum(1),
-                                    torch.float32) for size in (3, len(ids)))
+    for size in (3, len(ids)):
+        frozen._write(tmp_path / f"{size}.safetensors", teacher, (ids, mask), layers, teacher.features,
+                      size, mask.sum(1), torch.float32)
+    small, whole = (frozen._read(tmp_path / f"{size}.safetensors") for size in (3, len(ids)))
     assert small.keys() == whole.keys()
     for key in small:
         assert torch.equal(small[key], whole[key]), key

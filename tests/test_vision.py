@@ -97,7 +97,7 @@ def test_corrupt_cache_is_rebuilt_not_used(tmp_path, teacher_calls, capsys):
     first = task(tmp_path).prepare("fashion-64")
     # (copied before the files are damaged in place: their pages are mapped, not read)
     before = {key: value.clone() for key, value in first.splits.train.teacher_cache.items()}
-    files = sorted((tmp_path / "cache" / "teacher-states").glob("*.pt"))
+    files = sorted((tmp_path / "cache" / "teacher-states").glob("*.safetensors"))
     assert len(files) == 3
     for path in files:
         path.write_bytes(path.read_bytes()[:200])  # truncated

@@ -13,6 +13,7 @@ Objective: ``L_task + w0 L_kd + w1 L_interact + w2 L_MC + w3 L_SC`` plus two opt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Literal
@@ -220,8 +221,9 @@ class TalkingDistillation(Consistency, LogitKD):
             if heard.dim() == 4:  # image maps (B, C, H, W): per channel
                 gate = gate[:, None, None]
             heard = gate * t_l + (1 - gate) * heard
-        with torch.autocast(heard.device.type, torch.bfloat16,
-                            enabled=self.config.interact_precision == "bf16"):
+        # (entered only when asked: a disabled autocast still costs a context per step)
+        with (torch.autocast(heard.device.type, torch.bfloat16)
+              if self.config.interact_precision == "bf16" else contextlib.nullcontext()):
             # (interpreter: random: the re-initialised twin; else None, the teacher itself)
             return self.teacher_between(t_low, t_high, heard, batch, self._modules.get("random_teacher"))
 

@@ -351,7 +351,7 @@ class Sentiment(ClassificationTask):
         key = config_key("text-teacher", CACHE_VERSION, str(cfg.model_dir or MODEL_PACKAGE),
                          weights.stat().st_size if weights.is_file() else 0, layers, inputs[0].shape[1],
                          CHECKSUMS[domain], cfg.split_seed, cfg.limit, cfg.cache_dtype)
-        path = self.cache_dir() / "teacher-states" / f"text-{domain}-{key}-{name}.pt"
+        path = self.cache_dir() / "teacher-states" / f"text-{domain}-{key}-{name}.safetensors"
         # sentences are right-padded: their token states are cached without the padding; in
         # batches of 64 sentences (the same states bit for bit as 250: every batch is padded to
         # the split's width), whose activations cost a quarter of 250's while the cache fills

@@ -265,7 +265,7 @@ class FashionVision(ClassificationTask):
                          str(weights) if weights else "package", weights.stat().st_size if weights else 0,
                          # (float32 caches keep the keys they had before the option)
                          *([cfg.cache_dtype] if cfg.cache_dtype != "float32" else []))
-        path = self.cache_dir() / "teacher-states" / f"fashion-{key}-{name}.pt"
+        path = self.cache_dir() / "teacher-states" / f"fashion-{key}-{name}.safetensors"
         teacher = ProbedTeacher(self.backbone(), cfg.teacher_image_size).eval()
         return frozen.cached_states(path, teacher, (images,), layers,
                                     lambda x: teacher.backbone.features(teacher.prep(x)), name,

@@ -1,7 +1,7 @@
 """Where TD's training step spends its time, per task.
 
     python benchmarks/td_profile.py [--tasks movielens,vision,text] [--steps 30] [--threads 2]
-        [--repeats 3] [--data-dir DIR] [--ops 8] [--csv td_profile.csv]
+        [--repeats 3] [--data-dir DIR] [--ops 8] [--compile] [--csv td_profile.csv]
 
 For each task (its first bench setting, the task's batch size, teacher states cached), in
 one process: the median of ``steps`` timed steps (after warm-up) of
@@ -25,8 +25,10 @@ all measurements are taken in turn ``--repeats`` times and each keeps its fastes
 TD's **floor** is what it cannot avoid: its step without the interaction (``rounds: 0``)
 plus the interpretation step alone (forward and backward); ``td / floor`` is the overhead
 left on top of both. ``--csv FILE`` writes ``task``, ``td_ms``, ``floor_ms`` and
-``td_over_floor`` per task. With ``--ops N`` the N aten operators with the most self
-time in TD's step are printed too (torch.profiler).
+``td_over_floor`` per task. ``--compile`` also times TD with its interaction round
+(``interaction_terms``: channel and interpretation) under ``torch.compile`` (the other steps
+of such a run were slower on CPU: take the floor without it). With ``--ops N``
+the N aten operators with the most self time in TD's step are printed too (torch.profiler).
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def profile_task(name: str, args) -> dict:
         method.train()
         step, optimizer = TrainStep(method), make_optimizer(method.learnable_parameters(), cfg)
         timed[label] = lambda step=step, optimizer=optimizer: train_step(step, next(batches), optimizer)
+        if label == "td" and args.compile:
+            # the same TD with its interaction round (channel and interpretation) compiled
+            twin = build_method(prepared, cls, method_options, seed=0)
+            twin.train()
+            twin.interaction_terms = torch.compile(twin.interaction_terms, dynamic=False)
+            twin_step = TrainStep(twin)
+            twin_optimizer = make_optimizer(twin.learnable_parameters(), cfg)
+            start = time.perf_counter()
+            train_step(twin_step, next(batches), twin_optimizer)
+            row["compile seconds"] = time.perf_counter() - start
+            timed["td, compiled interaction"] = (
+                lambda step=twin_step, optimizer=twin_optimizer: train_step(step, next(batches), optimizer))
         if label == "td" and args.ops:
             from torch.profiler import ProfilerActivity, profile
 
@@ -131,6 +145,8 @@ def main() -> None:
     parser.add_argument("--data-dir", help="MovieLens-100K folder")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds over all measurements; each keeps its fastest")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time TD with its interaction round under torch.compile")
     parser.add_argument("--ops", type=int, default=0, help="print TD's top N operators")
     parser.add_argument("--csv", help="write task, td_ms, floor_ms, td_over_floor here")
     args = parser.parse_args()
@@ -156,6 +172,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['task']} | {r['td']:.2f} | " + " | ".join(
             f"{r[v]:.2f} ({100 * r[f'{v} share']:.0f}%)" for v in VARIANTS) + " |")
+    for r in rows:
+        if "td, compiled interaction" in r:
+            print(f"\n{r['task']}: td {r['td']:.2f} ms, with its interaction compiled "
+                  f"{r['td, compiled interaction']:.2f} ms (the first step, compiling it: "
+                  f"{r['compile seconds']:.1f} s)")
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.writer(handle)

@@ -53,8 +53,7 @@ class TokenStates:
     ``release``: called with ``values`` after every batch of rows is handed out. A
     memory-mapped cache passes a function that gives the pages just read back to the
     operating system: an epoch reads every row once, and without it the whole file would
-    stay resident until the run ends (0.65 GiB for the text bench's largest split); paging
-    a batch's rows in again costs about 0.2 ms."""
+    stay resident until the run ends (0.65 GiB for the text bench's largest split)."""
 
     def __init__(self, values: torch.Tensor, lengths: torch.Tensor, width: int,
                  release: Callable[[torch.Tensor], None] | None = None):

@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import mmap
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,15 +129,14 @@ def _write(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...], lay
 
     def write(handle):
         handle.write(len(text).to_bytes(8, "little") + text)
-        handle.flush()
-        fd = handle.fileno()
-        os.ftruncate(fd, base + position)
+        handle.truncate(base + position)  # the file at its final size; the data fills it
         for name, value in small.items():
-            os.pwrite(fd, value.numpy().tobytes(), at(name, 0))
+            handle.seek(at(name, 0))
+            handle.write(value.numpy().tobytes())
         for start, values, _ in itertools.chain([(first_start, first, tokens)], batches):
             for name, value in values.items():
-                row = int(offsets[start]) if name in tokens else start
-                os.pwrite(fd, value.contiguous().numpy().tobytes(), at(name, row))
+                handle.seek(at(name, int(offsets[start]) if name in tokens else start))
+                handle.write(value.contiguous().numpy().tobytes())
 
     atomic_write(path, write)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talkingmodels import distributed, losses
+from talkingmodels import distributed, frozen, losses
 from talkingmodels.config import validate
 from talkingmodels.data import Batch, Split, Splits, as_loader, iterate
 from talkingmodels.engine import (
@@ -174,13 +174,14 @@ def _cached_split(data, teacher: nn.Module, layers, mode, out: Path | None, batc
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                                  collate_fn=data.collate_fn)
         split = Split.from_batches(iterate(loader, batch_size))
-    precompute_teacher(teacher, split, tuple(layers or ()))
-    if mode == "disk":
+    if all(key in split.teacher_cache for key in (*(layers or ()), "output")):
+        return split  # (a Split handed over with its teacher's states already)
+    if mode == "disk":  # written batch by batch, read memory-mapped
         folder = out or Path(tempfile.mkdtemp(prefix="talkingmodels-"))
-        path = Path(folder) / "teacher_cache.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(split.teacher_cache, path)
-        split.teacher_cache = torch.load(path, mmap=True, weights_only=True)
+        split.teacher_cache = frozen.write_teacher_cache(
+            Path(folder) / "teacher_cache.safetensors", teacher, split, tuple(layers or ()), batch_size)
+    else:
+        precompute_teacher(teacher, split, tuple(layers or ()))
     return split
 
 
@@ -201,7 +202,9 @@ def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, metho
     methods that read hidden states. ``task``: ``"classification"`` (cross-entropy,
     accuracy), ``"regression"`` (MSE, RMSE) or a loss callable. ``cache_teacher``:
     ``"memory"`` / ``"disk"`` computes the frozen teacher's states once per training example
-    (the training data is then read once, in order, and shuffled by the run's seed).
+    (the training data is then read once, in order, and shuffled by the run's seed); ``"disk"``
+    writes them batch by batch to ``out/teacher_cache.safetensors`` (a temporary folder without
+    ``out``) and reads them memory-mapped.
     ``batch_size`` applies to data that is not already a DataLoader; ``train_options`` holds
     any other :class:`TrainConfig` value (``weight_decay``, ``teacher_dtype``, ...).
     ``out``: a folder for the run's checkpoint (a rerun resumes it) and the saved student.

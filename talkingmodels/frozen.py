@@ -51,7 +51,7 @@ def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -
     """A cache file's content as states: packed token states (a ``"lengths"`` entry) as
     :class:`~talkingmodels.data.TokenStates`; checked against what was asked (a wrong row
     count, dtype or token count raises)."""
-    lengths = stored.get("lengths")
+    lengths = stored.get("lengths")  # (a task packs every token state it stores)
     result = {"features": stored["features"]}
     for layer in layers:
         value = stored[layer]
@@ -67,7 +67,8 @@ def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -
 
 # safetensors' names of the dtypes a cache holds
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64"}
+                      torch.int64: "I64", torch.uint8: "U8"}
+ALIGN, PAD = 64, "__pad__"  # where a cache file's tensors start; the name of the padding
 
 
 @torch.no_grad()
@@ -93,34 +94,40 @@ def _computed(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tupl
         yield start, values, tokens
 
 
-def _write(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...],
-           features: Callable[..., torch.Tensor], batch_size: int, lengths: torch.Tensor | None,
-           cast: torch.dtype) -> None:
-    """Compute the states batch by batch and write each batch straight to its place in the
-    file (safetensors layout: a JSON header of names, dtypes, shapes and byte ranges, then
-    the data), atomically. No more than one batch's states is ever held in memory (holding
-    the split's whole states while they fill costs the text bench 0.7 GiB)."""
-    n = len(inputs[0])
-    batches = _computed(teacher, inputs, layers, features, batch_size, lengths, cast)
+def _write(path: Path, batches: Iterator[tuple[int, dict[str, torch.Tensor], set[str]]], n: int,
+           lengths: torch.Tensor | None, width: int | None) -> None:
+    """Write the states of ``batches`` (first row, {name: value}, packed names; in order, the
+    ``n`` rows of a split) each straight to its place in the file as it comes (safetensors
+    layout: a JSON header of names, dtypes, shapes and byte ranges, then the data),
+    atomically. No more than one batch's states is ever held in memory (holding the split's
+    whole states while they fill cost the text bench 0.7 GiB). Packed token states keep the
+    split's ``lengths`` and padded ``width`` beside them, and their names in the metadata."""
     first_start, first, tokens = next(batches)
     # packed token states: where each sentence's tokens start, and the split's lengths and
     # padded width to unpack them (TokenStates)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]) if tokens else None
-    small = {"lengths": lengths.clone(), "width": torch.tensor(inputs[0].shape[1])} if tokens else {}
+    small = {"lengths": lengths.clone(), "width": torch.tensor(width)} if tokens else {}
     shapes = {**{name: tuple(value.shape) for name, value in small.items()},
               **{name: (int(offsets[-1]) if name in tokens else n, *value.shape[1:])
                  for name, value in first.items()}}
     dtypes = {name: value.dtype for name, value in {**small, **first}.items()}
     # widest elements first, so that every tensor starts aligned to its element size
     names = sorted(shapes, key=lambda name: -dtypes[name].itemsize)
-    header, position = {}, 0
+    # Every tensor starts on a 64-byte boundary, as in torch's own files: a matrix product's
+    # rounding can depend on where its input lies, so the same states at another alignment
+    # could give other results. (safetensors allows no gaps: padding is a tensor of its own.)
+    header, position = {"__metadata__": {"packed": json.dumps(sorted(tokens))}}, 0
     for name in names:
+        if gap := -position % ALIGN:
+            header[f"{PAD}{position}"] = {"dtype": "U8", "shape": [gap],
+                                          "data_offsets": [position, position + gap]}
+            position += gap
         size = math.prod(shapes[name]) * dtypes[name].itemsize
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shapes[name]),
                         "data_offsets": [position, position + size]}
         position += size
     text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # (padded: the data starts 8-byte aligned)
+    text += b" " * (-(8 + len(text)) % ALIGN)  # (the data starts on a boundary too)
     base = 8 + len(text)
 
     def at(name: str, row: int) -> int:  # the byte where row `row` of `name` goes
@@ -132,26 +139,32 @@ def _write(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...], lay
         handle.truncate(base + position)  # the file at its final size; the data fills it
         for name, value in small.items():
             handle.seek(at(name, 0))
-            handle.write(value.numpy().tobytes())
+            handle.write(_raw(value))
         for start, values, _ in itertools.chain([(first_start, first, tokens)], batches):
             for name, value in values.items():
                 handle.seek(at(name, int(offsets[start]) if name in tokens else start))
-                handle.write(value.contiguous().numpy().tobytes())
+                handle.write(_raw(value))
 
     atomic_write(path, write)
 
 
+def _raw(value: torch.Tensor) -> bytes:
+    """A tensor's bytes in memory order (any dtype, bfloat16 included)."""
+    return value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _read(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a cache file (safetensors), as read-only views of one private memory
-    mapping of the file; a file that is not whole (truncated, a header that does not match
-    its data) raises ValueError."""
+    mapping of the file, and under ``"__packed__"`` the names of its packed token states; a
+    file that is not whole (truncated, a header that does not match its data) raises
+    ValueError."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         if not 0 < length <= size - 8:
             raise ValueError("no safetensors header")
         header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
+    packed = json.loads((header.pop("__metadata__", None) or {}).get("packed", "[]"))
     dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
     data = size - 8 - length
     if max((entry["data_offsets"][1] for entry in header.values()), default=0) != data:
@@ -159,10 +172,12 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     flat = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
     tensors = {}
     for name, entry in header.items():
+        if name.startswith(PAD):
+            continue
         begin, end = entry["data_offsets"]
         tensors[name] = flat[8 + length + begin: 8 + length + end].view(dtypes[entry["dtype"]]).view(
             entry["shape"])
-    return tensors
+    return {**tensors, "__packed__": packed}
 
 
 def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ...],
@@ -187,8 +202,47 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
         except Exception as exc:
             print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
     print(f"computing the teacher's states on {n} {what} examples (cached afterwards)", file=sys.stderr)
-    _write(path, teacher, inputs, layers, features, batch_size, lengths, cast)
+    _write(path, _computed(teacher, inputs, layers, features, batch_size, lengths, cast), n, lengths,
+           inputs[0].shape[1])
     return _states(_read(path), layers, n, cast)
+
+
+@torch.no_grad()
+def _teacher_batches(teacher: nn.Module, split, layers: tuple[str, ...],
+                     batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor], set[str]]]:
+    """(first row, {name: value}, packed names) per batch of ``split`` in order: the frozen
+    teacher's states at ``layers`` and its output (``"output"``), on the CPU in the teacher's
+    dtype; token states of sequences packed (the batch's real tokens)."""
+    device = next(teacher.parameters(), torch.empty(0)).device
+    teacher.eval()
+    start = 0
+    for batch in split.batches(batch_size):
+        with taps.capture(teacher, layers) as states:
+            states["output"] = taps.prediction(batch.to(device).run_teacher(teacher))
+        values, tokens = {}, set()
+        for name in (*layers, "output"):
+            value = states[name].cpu()
+            if batch.lengths is not None and name != "output" and value.dim() == 3:
+                value = value[torch.arange(value.shape[1]) < batch.lengths.cpu()[:, None]]
+                tokens.add(name)
+            values[name] = value
+        yield start, values, tokens
+        start += len(batch)
+
+
+def write_teacher_cache(path: Path, teacher: nn.Module, split, layers: tuple[str, ...],
+                        batch_size: int) -> dict:
+    """The frozen teacher's states at ``layers`` and its output for every example of
+    ``split``, computed in batches of ``batch_size`` and written batch by batch to ``path``
+    (safetensors; token states of sequences stored without padding), then read back
+    memory-mapped: what ``split.teacher_cache`` takes. The split's states are never all in
+    memory at once."""
+    width = None if split.lengths is None else int(split.lengths.max())
+    _write(path, _teacher_batches(teacher, split, layers, batch_size), len(split), split.lengths, width)
+    stored = _read(path)
+    packed, lengths, width = stored.pop("__packed__"), stored.pop("lengths", None), stored.pop("width", None)
+    return {name: TokenStates(value, lengths, int(width), release=release_pages) if name in packed
+            else value for name, value in stored.items()}
 
 
 def attach_probe(teacher: nn.Module, splits, layers: tuple[str, str],

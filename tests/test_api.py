@@ -181,6 +181,28 @@ def test_dict_batches_and_a_hugging_face_dataset(tokens):
     assert len(cached.history) == 2
 
 
+def test_a_disk_cache_of_token_states_is_packed_and_trains_as_the_memory_cache(tokens, tmp_path):
+    """cache_teacher="disk" stores sentences' token states without their padding and hands
+    back the same rows (zeros at padding) as the in-memory cache: the same training."""
+    from safetensors.torch import load_file
+
+    ids, mask, labels, teacher = tokens
+    rows = [{"input_ids": i, "attention_mask": m, "labels": t}
+            for i, m, t in zip(ids, mask, labels, strict=True)]
+    results = {}
+    for mode in ("memory", "disk"):
+        torch.manual_seed(0)  # the same student
+        results[mode] = distill(TokenStudent(), teacher, DataLoader(rows[:200], batch_size=32, shuffle=True),
+                                DataLoader(rows[200:250], batch_size=50), method="td", epochs=2,
+                                cache_teacher=mode, out=tmp_path / mode, student_layers=("mix1", "mix2"),
+                                teacher_layers=("bert.encoder.layer.0", "bert.encoder.layer.1"), **QUIET)
+    assert results["memory"].history == results["disk"].history
+    stored = load_file(tmp_path / "disk" / "teacher_cache.safetensors")
+    real = int(mask[:200].sum())
+    assert stored["bert.encoder.layer.0"].shape == (real, 32)  # real tokens only
+    assert stored["output"].shape == (200, 2)
+
+
 def counting(model: nn.Module) -> list[int]:
     calls: list[int] = []
     model.register_forward_hook(lambda *_: calls.append(1))
@@ -199,10 +221,12 @@ def test_cache_teacher_runs_the_teacher_once_per_example(task, tmp_path):
     assert len(calls) == 1 + 2
     disk = distill(student(), frozen, *loaders(x, y, batch_size=40), cache_teacher="disk",
                    out=tmp_path / "run", **common)
-    assert (tmp_path / "run" / "teacher_cache.pt").is_file()
+    assert (tmp_path / "run" / "teacher_cache.safetensors").is_file()
     assert (memory.val, memory.test) == (disk.val, disk.test)
+    # disk: written batch by batch, in the training batch size (10 batches of 40)
+    assert len(calls) == 3 + 10 + 2
     online = distill(student(), frozen, *loaders(x, y, batch_size=40), **common)
-    assert len(calls) == 2 * 3 + 2 + 3 * 10  # online: on each of the 10 batches of an epoch
+    assert len(calls) == 3 + 12 + 2 + 3 * 10  # online: on each of the 10 batches of an epoch
     assert online.val > 0.8
 
 

@@ -297,12 +297,17 @@ def _train_cache(folder) -> Path:
 def test_token_states_are_cached_packed_mapped_and_exact(tmp_path, encoder):
     """The training split's token states are stored without padding, memory-mapped when
     read, and hand back exactly the teacher's states at real tokens (zeros at padding)."""
+    from talkingmodels import frozen
     from talkingmodels.data import TokenStates
 
     prepared = task(tmp_path, encoder, limit=30).prepare("tweets")
     train = prepared.splits.train
     ids, mask = train.student_inputs
     stored = load_file(_train_cache(tmp_path))  # a standard safetensors file
+    # every tensor of the file starts 64-byte aligned (as in torch's files: a product's
+    # rounding may depend on where its input lies)
+    mapped = frozen._read(_train_cache(tmp_path))
+    assert all(value.data_ptr() % 64 == 0 for name, value in mapped.items() if name != "__packed__")
     assert torch.equal(stored["lengths"], mask.sum(1))
     with torch.no_grad(), taps.capture(prepared.teacher, prepared.teacher_layers) as online:
         prepared.teacher(ids, mask)
@@ -414,9 +419,11 @@ def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_
     teacher, split, layers = prepared.teacher, prepared.splits.val, prepared.teacher_layers
     ids, mask = split.student_inputs
     for size in (3, len(ids)):
-        frozen._write(tmp_path / f"{size}.safetensors", teacher, (ids, mask), layers, teacher.features,
-                      size, mask.sum(1), torch.float32)
+        batches = frozen._computed(teacher, (ids, mask), layers, teacher.features, size, mask.sum(1),
+                                   torch.float32)
+        frozen._write(tmp_path / f"{size}.safetensors", batches, len(ids), mask.sum(1), ids.shape[1])
     small, whole = (frozen._read(tmp_path / f"{size}.safetensors") for size in (3, len(ids)))
+    assert small.pop("__packed__") == whole.pop("__packed__") == sorted(layers)
     assert small.keys() == whole.keys()
     for key in small:
         assert torch.equal(small[key], whole[key]), key

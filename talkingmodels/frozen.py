@@ -9,14 +9,13 @@ reuses them; only TD's interpretation step still runs teacher layers while train
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import itertools
 import json
 import math
 import mmap
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from talkingmodels import losses, taps
 from talkingmodels.data import TokenStates
 from talkingmodels.io import atomic_write
+from talkingmodels.probes import libc
 
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -41,10 +41,8 @@ def release_pages(tensor: torch.Tensor) -> None:
     # whole pages: the file is mapped from a page boundary and to the end of its last page
     start = storage.data_ptr() // page * page
     end = -(-(storage.data_ptr() + storage.nbytes()) // page) * page
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+    if (c := libc()) is not None and hasattr(mmap, "MADV_DONTNEED"):
+        c.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -> dict:
@@ -72,25 +70,25 @@ ALIGN, PAD = 64, "__pad__"  # where a cache file's tensors start; the name of th
 
 
 @torch.no_grad()
-def _computed(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...],
-              features: Callable[..., torch.Tensor], batch_size: int, lengths: torch.Tensor | None,
-              cast: torch.dtype) -> Iterator[tuple[int, dict[str, torch.Tensor], set[str]]]:
-    """(first row, {name: value}, the names of packed token states) per batch of
-    ``inputs``: the teacher's states at ``layers`` cast to ``cast`` (token states packed: the
-    batch's real tokens, in order) and its features (in their own dtype, float32 for the
-    probe)."""
+def _captured(teacher: nn.Module, layers: tuple[str, ...], key: str,
+              runs: Iterable[tuple[int, torch.Tensor | None, Callable[[], torch.Tensor]]],
+              cast: torch.dtype | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor], set[str]]]:
+    """(first row, {name: value}, the names of packed token states) per batch of ``runs``
+    ((first row, the batch's real tokens per sequence or None, a call running the teacher
+    on it)): the teacher's states at ``layers`` (cast to ``cast`` if given; token states
+    packed: the batch's real tokens, in order) and what the call returns, under ``key``, in
+    its own dtype."""
     teacher.eval()
-    for start in range(0, len(inputs[0]), batch_size):
-        batch = tuple(x[start: start + batch_size] for x in inputs)
+    for start, lengths, run in runs:
         with taps.capture(teacher, layers) as states:
-            states["features"] = features(*batch)
+            states[key] = run()
         values, tokens = {}, set()
-        for name in (*layers, "features"):
+        for name in (*layers, key):
             value = states[name].cpu()
-            if lengths is not None and name != "features" and value.dim() == 3:
-                value = value[torch.arange(value.shape[1]) < lengths[start: start + len(value), None]]
+            if lengths is not None and name != key and value.dim() == 3:
+                value = value[torch.arange(value.shape[1]) < lengths.cpu()[:, None]]
                 tokens.add(name)
-            values[name] = value if name == "features" else value.to(cast)
+            values[name] = value if name == key or cast is None else value.to(cast)
         yield start, values, tokens
 
 
@@ -111,13 +109,11 @@ def _write(path: Path, batches: Iterator[tuple[int, dict[str, torch.Tensor], set
               **{name: (int(offsets[-1]) if name in tokens else n, *value.shape[1:])
                  for name, value in first.items()}}
     dtypes = {name: value.dtype for name, value in {**small, **first}.items()}
-    # widest elements first, so that every tensor starts aligned to its element size
-    names = sorted(shapes, key=lambda name: -dtypes[name].itemsize)
     # Every tensor starts on a 64-byte boundary, as in torch's own files: a matrix product's
     # rounding can depend on where its input lies, so the same states at another alignment
     # could give other results. (safetensors allows no gaps: padding is a tensor of its own.)
     header, position = {"__metadata__": {"packed": json.dumps(sorted(tokens))}}, 0
-    for name in names:
+    for name in shapes:
         if gap := -position % ALIGN:
             header[f"{PAD}{position}"] = {"dtype": "U8", "shape": [gap],
                                           "data_offsets": [position, position + gap]}
@@ -202,31 +198,20 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
         except Exception as exc:
             print(f"teacher cache {path} is unreadable ({exc}); recomputing", file=sys.stderr)
     print(f"computing the teacher's states on {n} {what} examples (cached afterwards)", file=sys.stderr)
-    _write(path, _computed(teacher, inputs, layers, features, batch_size, lengths, cast), n, lengths,
-           inputs[0].shape[1])
+    runs = ((start, None if lengths is None else lengths[start: start + batch_size],
+             lambda batch=tuple(x[start: start + batch_size] for x in inputs): features(*batch))
+            for start in range(0, n, batch_size))
+    _write(path, _captured(teacher, layers, "features", runs, cast), n, lengths, inputs[0].shape[1])
     return _states(_read(path), layers, n, cast)
 
 
-@torch.no_grad()
-def _teacher_batches(teacher: nn.Module, split, layers: tuple[str, ...],
-                     batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor], set[str]]]:
-    """(first row, {name: value}, packed names) per batch of ``split`` in order: the frozen
-    teacher's states at ``layers`` and its output (``"output"``), on the CPU in the teacher's
-    dtype; token states of sequences packed (the batch's real tokens)."""
+def _teacher_runs(teacher: nn.Module, split, batch_size: int):
+    """(first row, real tokens per sequence or None, the teacher's output on it) per batch of
+    ``split``, in order (see :func:`_captured`)."""
     device = next(teacher.parameters(), torch.empty(0)).device
-    teacher.eval()
     start = 0
     for batch in split.batches(batch_size):
-        with taps.capture(teacher, layers) as states:
-            states["output"] = taps.prediction(batch.to(device).run_teacher(teacher))
-        values, tokens = {}, set()
-        for name in (*layers, "output"):
-            value = states[name].cpu()
-            if batch.lengths is not None and name != "output" and value.dim() == 3:
-                value = value[torch.arange(value.shape[1]) < batch.lengths.cpu()[:, None]]
-                tokens.add(name)
-            values[name] = value
-        yield start, values, tokens
+        yield start, batch.lengths, lambda batch=batch: taps.prediction(batch.to(device).run_teacher(teacher))
         start += len(batch)
 
 
@@ -238,7 +223,8 @@ def write_teacher_cache(path: Path, teacher: nn.Module, split, layers: tuple[str
     memory-mapped: what ``split.teacher_cache`` takes. The split's states are never all in
     memory at once."""
     width = None if split.lengths is None else int(split.lengths.max())
-    _write(path, _teacher_batches(teacher, split, layers, batch_size), len(split), split.lengths, width)
+    _write(path, _captured(teacher, layers, "output", _teacher_runs(teacher, split, batch_size)),
+           len(split), split.lengths, width)
     stored = _read(path)
     packed, lengths, width = stored.pop("__packed__"), stored.pop("lengths", None), stored.pop("width", None)
     return {name: TokenStates(value, lengths, int(width), release=release_pages) if name in packed

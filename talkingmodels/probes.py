@@ -4,6 +4,9 @@ of code, and TensorBoard curves of every loss term."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import gc
 import sys
 from pathlib import Path
 
@@ -27,17 +30,23 @@ def _high_water_mark(reset: bool = False) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+@functools.cache
+def libc():
+    """glibc, loaded once (None where there is none: then nothing is handed back)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def release_memory() -> None:
     """Hand freed memory back to the operating system: collect unreachable objects, then
     (glibc) trim the C heap. Freed tensors of a few MB are kept in the heap by the C
     allocator for reuse, so without it a long grid's process grows by each run's leftovers
     (text: 0.35 GiB over a domain's six runs)."""
-    import ctypes
-    import gc
-
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if (c := libc()) is not None and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
 
 
 class PeakMemory:

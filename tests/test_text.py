@@ -419,9 +419,8 @@ def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_
     teacher, split, layers = prepared.teacher, prepared.splits.val, prepared.teacher_layers
     ids, mask = split.student_inputs
     for size in (3, len(ids)):
-        batches = frozen._computed(teacher, (ids, mask), layers, teacher.features, size, mask.sum(1),
-                                   torch.float32)
-        frozen._write(tmp_path / f"{size}.safetensors", batches, len(ids), mask.sum(1), ids.shape[1])
+        frozen.cached_states(tmp_path / f"{size}.safetensors", teacher, (ids, mask), layers,
+                             teacher.features, batch_size=size, lengths=mask.sum(1))
     small, whole = (frozen._read(tmp_path / f"{size}.safetensors") for size in (3, len(ids)))
     assert small.pop("__packed__") == whole.pop("__packed__") == sorted(layers)
     assert small.keys() == whole.keys()

@@ -12,8 +12,11 @@ one process: the median of ``steps`` timed steps (after warm-up) of
   ``td - td(rounds 0)`` is the cost of the interaction round (question, interpretation,
   answer);
 - the interpretation step alone: the teacher's layers ``l+1..h`` (``taps.run_between``) run
-  forward on a batch-shaped state and backward to that state, as TD's gradient needs it;
+  forward on a batch's cached ``t_l`` and backward to it, as TD's gradient needs it;
 - the teacher's forward over those layers without autograd (what no gradient would cost);
+- the interaction round's channel alone: the question's encoder ``E_S(s_l)`` and the
+  teacher's decoder ``D_T``, the answer's encoder ``E_T`` and the student's decoder ``D_S``
+  and the distance, forward and backward, with no teacher layer in between;
 - TD with each of its cheaper-interaction options (``VARIANTS``: half of each batch
   interacts, every second step interacts, the teacher's segment under bf16 autocast); the
   share of the interaction round's cost each keeps is ``(variant - rounds 0) / (td - rounds 0)``.
@@ -22,10 +25,15 @@ Times are the median over blocks of two consecutive steps of the block's mean st
 ``interact_every: 2``, which interacts on every other step, is timed at its average cost);
 all measurements are taken in turn ``--repeats`` times and each keeps its fastest round.
 
+The alone-measurements start from inputs computed beforehand (the cached rows gathered, the
+student's states, the incoming gradients), which TD's step pays once in its rounds-0 part.
+
 TD's **floor** is what it cannot avoid: its step without the interaction (``rounds: 0``)
 plus the interpretation step alone (forward and backward); ``td / floor`` is the overhead
-left on top of both. ``--csv FILE`` writes ``task``, ``td_ms``, ``floor_ms`` and
-``td_over_floor`` per task. ``--compile`` also times TD with its interaction round
+left on top of both. The floor leaves out the channel's own projections in the round, which
+are real work too; ``td / (floor + channel)`` is the overhead left on top of all three.
+``--csv FILE`` writes ``task``, ``td_ms``, ``floor_ms``, ``td_over_floor``, ``channel_ms``
+and ``td_over_floor_and_channel`` per task. ``--compile`` also times TD with its interaction round
 (``interaction_terms``: channel and interpretation) under ``torch.compile`` (the other steps
 of such a run were slower on CPU: take the floor without it). With ``--ops N``
 the N aten operators with the most self time in TD's step are printed too (torch.profiler).
@@ -47,6 +55,9 @@ VARIANTS = {"td, interact_fraction 0.5": {"interact_fraction": 0.5},
             "td, interact_precision bf16": {"interact_precision": "bf16"}}
 
 
+HELD = 8  # batches held ready for the measurements of the interpretation and the channel alone
+
+
 def median_ms(fn, steps: int, warmup: int = 5, block: int = 2) -> float:
     """Median over blocks of ``block`` consecutive calls of the block's mean, in ms."""
     for _ in range(warmup):
@@ -60,13 +71,17 @@ def median_ms(fn, steps: int, warmup: int = 5, block: int = 2) -> float:
     return 1000 * statistics.median(times)
 
 
-def profile_task(name: str, args) -> dict:
-    from talkingmodels import taps
+def profile_task(name: str, args, task_options: dict | None = None) -> dict:
+    """One task's row: every measurement (ms) by label, the floor and the ratios' parts.
+    ``task_options``: the task's options (default: ``--data-dir`` for MovieLens)."""
+    from talkingmodels.channel import to_grid
     from talkingmodels.config import ExperimentConfig, resolve, validate
     from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_step
     from talkingmodels.runner import build_method
+    from talkingmodels.states import token_mask
 
-    options = {"data_dir": args.data_dir} if args.data_dir and name == "movielens" else {}
+    options = task_options if task_options is not None else (
+        {"data_dir": args.data_dir} if args.data_dir and name == "movielens" else {})
     exp = resolve(validate(ExperimentConfig, {
         "task": name, "task_options": options, "seeds": 1,
         "methods": [{"name": "logit-kd"}, {"name": "td"},
@@ -80,12 +95,15 @@ def profile_task(name: str, args) -> dict:
     cfg = exp.train[setting]
     order = torch.Generator().manual_seed(0)
     shuffled = prepared.splits.train.batches(cfg.batch_size, order)
-    batches = itertools.cycle(list(itertools.islice(shuffled, 50)))
+    batch_list = list(itertools.islice(shuffled, 50))
+    batches = itertools.cycle(batch_list)
     row = {"task": f"{name} ({setting})", "batch": cfg.batch_size}
     timed = {}  # label -> one call of what is timed
+    methods = {}
     for label, cls, method_options in exp.methods:
         method = build_method(prepared, cls, method_options, seed=0)
         method.train()
+        methods[label] = method
         step, optimizer = TrainStep(method), make_optimizer(method.learnable_parameters(), cfg)
         timed[label] = lambda step=step, optimizer=optimizer: train_step(step, next(batches), optimizer)
         if label == "td" and args.compile:
@@ -107,22 +125,49 @@ def profile_task(name: str, args) -> dict:
                 for _ in range(10):
                     train_step(step, next(batches), optimizer)
             row["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops)
-    teacher, (low, high) = prepared.teacher, prepared.teacher_layers
+    low, high = prepared.teacher_layers
+    td = methods["td"]
+    (s_low, s_high), side_s, side_t = td.pair.student_layers, td.student_side, td.teacher_side
+    # What the alone-measurements below start from, computed beforehand for a few of the
+    # batches TD's steps saw: the gathers of the cached rows, the student's states and the
+    # incoming gradients are not part of what they time (TD's step pays the gathers and the
+    # student once, in its rounds-0 part).
+    held = []
+    for batch in itertools.islice(batch_list, HELD):
+        t_l, t_h = (batch.teacher_cache[name].clone() for name in (low, high))
+        if t_l.dim() == 4:  # laid out as TD's decoder hands it over (a per-position map)
+            t_l = t_l.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            _, states = td.student_states(batch, (s_low, s_high))
+            answer = td.teacher_between(low, high, t_l, batch)
+        held.append({"batch": batch, "t_l": t_l, "t_h": t_h, "s_l": states[s_low], "s_h": states[s_high],
+                     "answer_grad": torch.randn_like(answer), "heard_grad": torch.randn_like(t_l)})
+    held_batches = itertools.cycle(held)
 
     def interpret(grad: bool):
-        """The interpretation step alone on the next batch (the batches TD's steps saw)."""
-        batch = next(batches)
-        heard = batch.teacher_cache[low].clone()
-        if heard.dim() == 4:  # laid out as TD's decoder hands it over (a per-position map)
-            heard = heard.contiguous(memory_format=torch.channels_last)
-        heard.requires_grad_(grad)
+        """The interpretation step alone on a held batch's t_l; backward from a dense incoming
+        gradient, as TD's answer encoder sends."""
+        h = next(held_batches)
+        heard = h["t_l"].detach().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            out = taps.run_between(teacher, low, high, heard, *batch.teacher_inputs, **batch.teacher_kwargs)
-        if grad:  # a dense incoming gradient, as TD's answer encoder sends
-            out.backward(torch.randn_like(out))
+            out = td.teacher_between(low, high, heard, h["batch"])
+        if grad:
+            out.backward(h["answer_grad"])
+
+    def channel():
+        """The interaction round's own channel work alone, forward and backward: the question
+        E_S(s_l) decoded by D_T (its gradient: a dense one, as the teacher's layers send),
+        the answer E_T(t'_h) (here the cached t_h) decoded by D_S, and the distance to s_h."""
+        h = next(held_batches)
+        s_l, s_h, t_h = (h[key].detach().requires_grad_() for key in ("s_l", "s_h", "t_h"))
+        heard = td.hear(side_s.encoder(s_l, "l"), h["t_l"])
+        answer = side_s.decoder(to_grid(side_t.encoder(t_h, "h"), s_h), "h")
+        loss = td.distance(answer, s_h, token_mask(h["batch"], s_h))
+        torch.autograd.backward([loss, heard], [None, h["heard_grad"]])
 
     timed["interpretation"] = lambda: interpret(True)
     timed["interpretation (forward only)"] = lambda: interpret(False)
+    timed["channel"] = channel
     # Every measurement in turn, `repeats` times; each keeps its fastest round. Another
     # process that slows some rounds down then cannot tilt one measurement against another.
     for label, fn in timed.items():
@@ -132,9 +177,22 @@ def profile_task(name: str, args) -> dict:
             row[label] = min(row[label], median_ms(fn, args.steps))
     row["interaction"] = row["td"] - row["td, rounds 0"]
     row["floor"] = row["td, rounds 0"] + row["interpretation"]
+    row["floor and channel"] = row["floor"] + row["channel"]
     for label in VARIANTS:
         row[f"{label} share"] = (row[label] - row["td, rounds 0"]) / row["interaction"]
     return row
+
+
+COLUMNS = ("task", "td_ms", "floor_ms", "td_over_floor", "channel_ms", "td_over_floor_and_channel")
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """``COLUMNS`` for each task's row of :func:`profile_task`."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows([r["task"], f"{r['td']:.3f}", f"{r['floor']:.3f}", f"{r['td'] / r['floor']:.3f}",
+                          f"{r['channel']:.3f}", f"{r['td'] / r['floor and channel']:.3f}"] for r in rows)
 
 
 def main() -> None:
@@ -162,10 +220,12 @@ def main() -> None:
               f"{r['td'] / r['logit-kd']:.2f} | {r['td, rounds 0']:.2f} | {r['interaction']:.2f} "
               f"({100 * r['interaction'] / r['td']:.0f}% of td) | {r['interpretation']:.2f} | "
               f"{r['interpretation (forward only)']:.2f} |")
-    print("\n| task | td step (ms) | floor: rounds 0 + interpretation (ms) | td / floor |")
-    print("|---|---|---|---|")
+    print("\n| task | td step (ms) | floor: rounds 0 + interpretation (ms) | td / floor | the round's "
+          "channel alone (ms) | td / (floor + channel) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {r['td']:.2f} | {r['floor']:.2f} | {r['td'] / r['floor']:.2f} |")
+        print(f"| {r['task']} | {r['td']:.2f} | {r['floor']:.2f} | {r['td'] / r['floor']:.2f} | "
+              f"{r['channel']:.2f} | {r['td'] / r['floor and channel']:.2f} |")
     print("\n| task | td step (ms) | " + " | ".join(f"{v} (ms, share of the interaction kept)"
                                                 for v in VARIANTS) + " |")
     print("|---|---|" + "---|" * len(VARIANTS))
@@ -178,11 +238,7 @@ def main() -> None:
                   f"{r['td, compiled interaction']:.2f} ms (the first step, compiling it: "
                   f"{r['compile seconds']:.1f} s)")
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["task", "td_ms", "floor_ms", "td_over_floor"])
-            writer.writerows([r["task"], f"{r['td']:.3f}", f"{r['floor']:.3f}",
-                              f"{r['td'] / r['floor']:.3f}"] for r in rows)
+        write_csv(args.csv, rows)
         print(f"wrote {args.csv}")
     for r in rows:
         if "ops" in r:

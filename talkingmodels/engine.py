@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from talkingmodels import distributed, taps
+from talkingmodels import distributed, losses, taps
 from talkingmodels.data import Batch, Split, Splits, as_loader, iterate
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save
@@ -466,7 +466,7 @@ def train_step(step, batch: Batch, optimizer, acc=None) -> dict[str, torch.Tenso
     with acc.autocast() if acc is not None else contextlib.nullcontext():
         _, terms = step(batch)
     optimizer.zero_grad(set_to_none=True)
-    loss = sum(terms.values())
+    loss = losses.total(terms.values())
     scaler = acc.scaler if acc is not None else None
     if scaler is None:
         loss.backward()

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def scaled(term: torch.Tensor, weight: float, over: float = 1) -> torch.Tensor:
+    """``weight * term / over``, skipping a weight or divisor of exactly 1: the same value and
+    gradient bit for bit, with an operation and a backward node fewer per skipped factor
+    (a model of tiny layers feels every one)."""
+    if weight != 1:
+        term = weight * term
+    return term if over == 1 else term / over
+
+
+def total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of ``terms`` (at least one), without the ``0 +`` that ``sum()`` starts with
+    (which changes no value but costs an operation and a backward node)."""
+    return functools.reduce(operator.add, terms)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

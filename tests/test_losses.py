@@ -19,6 +19,21 @@ def close(value: torch.Tensor, expected: float, tol: float = 1e-6) -> bool:
     return value.dim() == 0 and abs(float(value) - expected) < tol
 
 
+def test_scaled_is_weight_times_term_over_divisor_and_skips_exact_ones():
+    term = torch.tensor(3.0)
+    assert close(losses.scaled(term, 2.0, 4), 1.5)
+    assert close(losses.scaled(term, 0.5), 1.5)
+    assert close(losses.scaled(term, 1.0, 3), 1.0)
+    # a factor of exactly 1 adds no operation: the very same tensor comes back
+    assert losses.scaled(term, 1.0) is term and losses.scaled(term, 1, 1.0) is term
+
+
+def test_total_adds_the_terms_without_a_leading_zero():
+    a, b, c = (torch.tensor(v) for v in (1.5, 2.0, -0.25))
+    assert close(losses.total([a, b, c]), 3.25)
+    assert losses.total(iter([a])) is a  # one term: itself, no "0 + a"
+
+
 def test_mse():
     # errors 0, 2, 3 -> (0 + 4 + 9) / 3
     prediction = torch.tensor([1.0, 2.0, 3.0])

@@ -410,9 +410,10 @@ def test_td_learns_on_tweets(tmp_path, encoder):
 
 def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_path):
     """The cache is built in batches of 64 sentences and evaluation runs in batches of 256, to
-    bound the memory a large split takes at once: neither changes a value. Every batch is
-    padded to the split's width (the cache) or masked (the student), so the states and the
-    logits are the same bit for bit in small batches and in one."""
+    bound the memory a large split takes at once: neither changes what is learnt. Every batch
+    is padded to the split's width (the cache) or masked (the student), so the cached states
+    are the same bit for bit in small batches and in one, and the logits the same up to the
+    rounding of a matrix product over fewer rows."""
     from talkingmodels import frozen
     from talkingmodels.engine import predict
 
@@ -427,4 +428,8 @@ def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_
     for key in small:
         assert torch.equal(small[key], whole[key]), key
     student = prepared.build_student().eval()
-    assert torch.equal(predict(student, split, 3), predict(student, split, len(ids)))
+    small_batches, one_batch = predict(student, split, 3), predict(student, split, len(ids))
+    # (the same up to the matrix product's rounding: on some CPUs (MKL with AVX-512) it
+    # depends on the number of rows, by one unit in the last place here)
+    torch.testing.assert_close(small_batches, one_batch, rtol=1e-6, atol=1e-6)
+    assert torch.equal(small_batches.argmax(1), one_batch.argmax(1))

@@ -34,8 +34,8 @@ class LogitKD(Distiller):
 
     def logit_term(self, prediction: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
         """w0 * KD of the student's prediction towards the teacher's output."""
-        return self.config.weight * output_kd(prediction, teacher_output, self.pair.output,
-                                              self.config.temperature)
+        return losses.scaled(output_kd(prediction, teacher_output, self.pair.output,
+                                       self.config.temperature), self.config.weight)
 
     def forward_train(self, batch: Batch):
         prediction, terms = super().forward_train(batch)

@@ -133,14 +133,14 @@ class Consistency:
         E_T, D_T = self.teacher_side.encoder, self.teacher_side.decoder
         if cfg.message_consistency and cfg.w2 > 0:
             pairs = {"l": (s_l, t_l), "h": (s_h, t_h)}
-            terms["mc"] = cfg.w2 * sum(
+            terms["mc"] = losses.scaled(losses.total(
                 # (the teacher's message laid out on the student's grid)
                 self.distance(E_S(pairs[role][0], role),
                               to_grid(E_T(pairs[role][1], role), pairs[role][0]), mask)
-                for role in cfg.mc_layers) / len(cfg.mc_layers)
+                for role in cfg.mc_layers), cfg.w2, len(cfg.mc_layers))
         if cfg.state_consistency and cfg.w3 > 0:
-            terms["sc"] = cfg.w3 * (self.distance(D_T(E_T(t_l, "l"), "l"), t_l, mask)
-                                    + self.distance(D_S(E_S(s_h, "h"), "h"), s_h, mask))
+            terms["sc"] = losses.scaled(self.distance(D_T(E_T(t_l, "l"), "l"), t_l, mask)
+                                        + self.distance(D_S(E_S(s_h, "h"), "h"), s_h, mask), cfg.w3)
         return terms
 
 
@@ -260,9 +260,10 @@ class TalkingDistillation(Consistency, LogitKD):
         mask = token_mask(batch, s_h)  # real tokens (None: not sentences)
         asked = s_l.detach() if "question" in cfg.stop_gradient else s_l
         # a weighted mean over the rounds (x * 1.0 is exact: equal weights compute what the
-        # plain mean always did)
+        # plain mean always did; losses.scaled skips such factors)
         weights = cfg.round_weights or [1.0] * cfg.rounds
-        interact, round_mc, round_sc, s_high_answer = 0.0, 0.0, 0.0, None
+        interact, round_mc, round_sc = [], [], []
+        s_high_answer = None
         for r, weight in enumerate(weights):
             # Round 1 asks from s_l; each follow-up asks from the last answer s'_h.
             question = E_S(asked, "l") if r == 0 else E_S(s_high_answer, "h")
@@ -274,17 +275,17 @@ class TalkingDistillation(Consistency, LogitKD):
             s_high_answer = D_S(to_grid(answer_message, s_h), "h")
             target = s_h.detach() if "student_state" in cfg.stop_gradient else s_h
             answer = s_high_answer.detach() if "answer" in cfg.stop_gradient else s_high_answer
-            interact = interact + weight * self.distance(answer, target, mask)
+            interact.append(losses.scaled(self.distance(answer, target, mask), weight))
             if cfg.round_consistency:
                 # the decoded question must look like a state the teacher could have for this
                 # input, and question and answer of one exchange must agree as messages
                 said = to_grid(answer_message, question)
-                round_sc = round_sc + weight * self.distance(heard, t_l, mask)
-                round_mc = round_mc + weight * self.distance(question, said, mask)
-        terms["interact"] = cfg.w1 * interact / sum(weights)
+                round_sc.append(losses.scaled(self.distance(heard, t_l, mask), weight))
+                round_mc.append(losses.scaled(self.distance(question, said, mask), weight))
+        terms["interact"] = losses.scaled(losses.total(interact), cfg.w1, sum(weights))
         if cfg.round_consistency:
-            terms["round_mc"] = cfg.w2 * round_mc / sum(weights)
-            terms["round_sc"] = cfg.w3 * round_sc / sum(weights)
+            terms["round_mc"] = losses.scaled(losses.total(round_mc), cfg.w2, sum(weights))
+            terms["round_sc"] = losses.scaled(losses.total(round_sc), cfg.w3, sum(weights))
         if cfg.answer_kd > 0 or cfg.answer_fit > 0:
             # The teacher's own head reads its interpretation: an answer in output space.
             answer_output = self.teacher_between(t_high, None, t_high_answer, batch)

@@ -287,8 +287,9 @@ class Sentiment(ClassificationTask):
     # both): the capacity gap (research suite)
     tiny_student = {"width": 24, "heads": 2, "ffn": 48, "embedding": 7}
     class_names = ("negative", "positive")
-    # (evaluation in batches of 256 sentences, not 8,192: the same logits bit for bit, without
-    # a whole split's activations at once, 0.25 GiB on movies)
+    # (evaluation in batches of 256 sentences, not 8,192: the same logits, bit for bit on some
+    # CPUs and to the last place's rounding on others (MKL on AVX-512 rounds a matrix product
+    # by its row count), without a whole split's activations at once, 0.25 GiB on movies)
     default_train = {"epochs": 8, "batch_size": 32, "lr": 3e-3, "patience": 3, "eval_batch_size": 256}
     setting_train = {domain: {"epochs": 4, "patience": 2} for domain in DOMAINS}
     # The relational methods' paper weights (rkd 25 and 50, pkt 30,000) outweigh the labels

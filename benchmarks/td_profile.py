@@ -1,7 +1,7 @@
 """Where TD's training step spends its time, per task.
 
     python benchmarks/td_profile.py [--tasks movielens,vision,text] [--steps 30] [--threads 2]
-        [--repeats 3] [--data-dir DIR] [--ops 8] [--compile] [--csv td_profile.csv]
+        [--repeats 3] [--data-dir DIR] [--ops 8] [--residual 10] [--compile] [--csv td_profile.csv]
 
 For each task (its first bench setting, the task's batch size, teacher states cached), in
 one process: the median of ``steps`` timed steps (after warm-up) of
@@ -36,7 +36,9 @@ are real work too; ``td / (floor + channel)`` is the overhead left on top of all
 and ``td_over_floor_and_channel`` per task. ``--compile`` also times TD with its interaction round
 (``interaction_terms``: channel and interpretation) under ``torch.compile`` (the other steps
 of such a run were slower on CPU: take the floor without it). With ``--ops N``
-the N aten operators with the most self time in TD's step are printed too (torch.profiler).
+the N aten operators with the most self time in TD's step are printed too (torch.profiler);
+with ``--residual N``, the N operators whose self time per step in TD's step differs most
+from the sum of its parts measured alone (rounds 0, the interpretation, the channel).
 """
 
 from __future__ import annotations
@@ -69,6 +71,34 @@ def median_ms(fn, steps: int, warmup: int = 5, block: int = 2) -> float:
             fn()
         times.append((time.perf_counter() - start) / block)
     return 1000 * statistics.median(times)
+
+
+def residual_table(timed: dict, count: int, calls: int = 20) -> str:
+    """Per aten operator, self time and calls per step of TD's step less those of its parts
+    measured alone (rounds 0, the interpretation, the channel): where what is left of TD's
+    step goes. ``count`` operators with the largest difference either way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = ("td", "td, rounds 0", "interpretation", "channel")
+    per_step = {}  # label -> operator -> (self time in us, calls), per step
+    for label in parts:
+        for _ in range(5):
+            timed[label]()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                timed[label]()
+        per_step[label] = {e.key: (e.self_cpu_time_total / calls, e.count / calls)
+                           for e in prof.key_averages()}
+    left = {}
+    for op in set().union(*per_step.values()):
+        td_time, td_calls = per_step["td"].get(op, (0, 0))
+        left[op] = (td_time - sum(per_step[p].get(op, (0, 0))[0] for p in parts[1:]),
+                    td_calls - sum(per_step[p].get(op, (0, 0))[1] for p in parts[1:]), td_time)
+    lines = ["| operator | td - parts (us per step) | calls per step | in td (us) |", "|---|---|---|---|"]
+    lines += [f"| {op} | {t:+.0f} | {c:+.1f} | {whole:.0f} |"
+              for op, (t, c, whole) in sorted(left.items(), key=lambda kv: -abs(kv[1][0]))[:count]]
+    lines.append(f"| (all operators) | {sum(t for t, _, _ in left.values()):+.0f} | | |")
+    return "\n".join(lines)
 
 
 def profile_task(name: str, args, task_options: dict | None = None) -> dict:
@@ -168,6 +198,8 @@ def profile_task(name: str, args, task_options: dict | None = None) -> dict:
     timed["interpretation"] = lambda: interpret(True)
     timed["interpretation (forward only)"] = lambda: interpret(False)
     timed["channel"] = channel
+    if args.residual:
+        row["residual"] = residual_table(timed, args.residual)
     # Every measurement in turn, `repeats` times; each keeps its fastest round. Another
     # process that slows some rounds down then cannot tilt one measurement against another.
     for label, fn in timed.items():
@@ -206,6 +238,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time TD with its interaction round under torch.compile")
     parser.add_argument("--ops", type=int, default=0, help="print TD's top N operators")
+    parser.add_argument("--residual", type=int, default=0,
+                        help="print the N operators with the most time in TD's step beyond its parts alone")
     parser.add_argument("--csv", help="write task, td_ms, floor_ms, td_over_floor here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,6 +274,10 @@ def main() -> None:
     if args.csv:
         write_csv(args.csv, rows)
         print(f"wrote {args.csv}")
+    for r in rows:
+        if "residual" in r:
+            print(f"\n{r['task']}: TD's step less rounds 0, the interpretation and the channel alone, "
+                  f"per operator (torch.profiler)\n{r['residual']}")
     for r in rows:
         if "ops" in r:
             print(f"\n{r['task']}: td's operators with the most self time (10 steps)\n{r['ops']}")

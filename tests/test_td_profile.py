@@ -26,7 +26,7 @@ def td_profile():
 
 
 def test_floor_channel_and_csv(td_profile, task_options, tmp_path):
-    args = argparse.Namespace(steps=2, repeats=1, compile=False, ops=0, data_dir=None)
+    args = argparse.Namespace(steps=2, repeats=1, compile=False, ops=0, residual=3, data_dir=None)
     row = td_profile.profile_task("movielens", args, task_options)
     for label in ("logit-kd", "td", "td, rounds 0", "interpretation", "interpretation (forward only)",
                   "channel", *td_profile.VARIANTS):
@@ -34,6 +34,10 @@ def test_floor_channel_and_csv(td_profile, task_options, tmp_path):
     assert row["floor"] == row["td, rounds 0"] + row["interpretation"]
     assert row["floor and channel"] == row["floor"] + row["channel"]
     assert row["interaction"] == row["td"] - row["td, rounds 0"]
+    # the per-operator residual: a table of 3 operators and their total
+    lines = row["residual"].splitlines()
+    assert len(lines) == 2 + 3 + 1 and lines[-1].startswith("| (all operators) |")
+    assert any("aten::" in line for line in lines[2:5])
     path = tmp_path / "td_profile.csv"
     td_profile.write_csv(path, [row])
     with open(path, newline="") as handle:

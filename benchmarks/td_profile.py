@@ -22,8 +22,10 @@ one process: the median of ``steps`` timed steps (after warm-up) of
   share of the interaction round's cost each keeps is ``(variant - rounds 0) / (td - rounds 0)``.
 
 Times are the median over blocks of two consecutive steps of the block's mean step (so that
-``interact_every: 2``, which interacts on every other step, is timed at its average cost);
-all measurements are taken in turn ``--repeats`` times and each keeps its fastest round.
+``interact_every: 2``, which interacts on every other step, is timed at its average cost),
+``repeats * steps / 2`` blocks each. The measurements take turns block by block (each block
+after one untimed call), so that a machine whose speed drifts while they run (another
+process, a shared host) shifts them all alike instead of tilting one against another.
 
 The alone-measurements start from inputs computed beforehand (the cached rows gathered, the
 student's states, the incoming gradients), which TD's step pays once in its rounds-0 part.
@@ -60,17 +62,24 @@ VARIANTS = {"td, interact_fraction 0.5": {"interact_fraction": 0.5},
 HELD = 8  # batches held ready for the measurements of the interpretation and the channel alone
 
 
-def median_ms(fn, steps: int, warmup: int = 5, block: int = 2) -> float:
-    """Median over blocks of ``block`` consecutive calls of the block's mean, in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, steps // block)):
-        start = time.perf_counter()
-        for _ in range(block):
+def interleaved_ms(timed: dict, blocks: int, warmup: int = 5, block: int = 2, settle: int = 1) -> dict:
+    """Per label, the median over ``blocks`` blocks of the mean of ``block`` consecutive
+    calls, in ms. The measurements take turns block by block, so a machine that slows down
+    or speeds up while they run shifts them all alike; before each block ``settle`` untimed
+    calls bring caches and allocator back to that measurement's own state."""
+    for fn in timed.values():
+        for _ in range(warmup):
             fn()
-        times.append((time.perf_counter() - start) / block)
-    return 1000 * statistics.median(times)
+    times = {label: [] for label in timed}
+    for _ in range(blocks):
+        for label, fn in timed.items():
+            for _ in range(settle):
+                fn()
+            start = time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[label].append((time.perf_counter() - start) / block)
+    return {label: 1000 * statistics.median(values) for label, values in times.items()}
 
 
 def residual_table(timed: dict, count: int, calls: int = 20) -> str:
@@ -200,13 +209,7 @@ def profile_task(name: str, args, task_options: dict | None = None) -> dict:
     timed["channel"] = channel
     if args.residual:
         row["residual"] = residual_table(timed, args.residual)
-    # Every measurement in turn, `repeats` times; each keeps its fastest round. Another
-    # process that slows some rounds down then cannot tilt one measurement against another.
-    for label, fn in timed.items():
-        row[label] = median_ms(fn, args.steps)
-    for _ in range(args.repeats - 1):
-        for label, fn in timed.items():
-            row[label] = min(row[label], median_ms(fn, args.steps))
+    row.update(interleaved_ms(timed, max(1, args.repeats * args.steps // 2)))
     row["interaction"] = row["td"] - row["td, rounds 0"]
     row["floor"] = row["td, rounds 0"] + row["interpretation"]
     row["floor and channel"] = row["floor"] + row["channel"]
@@ -234,7 +237,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", help="MovieLens-100K folder")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds over all measurements; each keeps its fastest")
+                        help="blocks per measurement: repeats * steps / 2, interleaved")
     parser.add_argument("--compile", action="store_true",
                         help="also time TD with its interaction round under torch.compile")
     parser.add_argument("--ops", type=int, default=0, help="print TD's top N operators")

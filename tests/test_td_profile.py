@@ -47,3 +47,12 @@ def test_floor_channel_and_csv(td_profile, task_options, tmp_path):
     assert float(rows[0]["td_over_floor"]) == pytest.approx(row["td"] / row["floor"], abs=1e-3)
     assert float(rows[0]["td_over_floor_and_channel"]) == pytest.approx(
         row["td"] / row["floor and channel"], abs=1e-3)
+
+
+def test_measurements_take_turns_block_by_block(td_profile):
+    calls = []
+    timed = {label: (lambda label=label: calls.append(label)) for label in ("td", "floor")}
+    times = td_profile.interleaved_ms(timed, blocks=2, warmup=1, block=2, settle=1)
+    assert set(times) == {"td", "floor"} and min(times.values()) >= 0
+    # warm-up, then per block: one untimed call and two timed ones, each measurement in turn
+    assert calls == ["td", "floor"] + (["td"] * 3 + ["floor"] * 3) * 2

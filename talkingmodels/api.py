@@ -21,7 +21,7 @@ from torch import nn
 
 from talkingmodels import distributed, frozen, losses
 from talkingmodels.config import validate
-from talkingmodels.data import Batch, Split, Splits, as_loader, iterate
+from talkingmodels.data import Batch, Split, Splits, as_loader, iterate, teacher_cached
 from talkingmodels.engine import (
     TrainConfig,
     device_of,
@@ -174,7 +174,7 @@ def _cached_split(data, teacher: nn.Module, layers, mode, out: Path | None, batc
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                                  collate_fn=data.collate_fn)
         split = Split.from_batches(iterate(loader, batch_size))
-    if all(key in split.teacher_cache for key in (*(layers or ()), "output")):
+    if teacher_cached(split, layers or ()):
         return split  # (a Split handed over with its teacher's states already)
     if mode == "disk":  # written batch by batch, read memory-mapped
         folder = out or Path(tempfile.mkdtemp(prefix="talkingmodels-"))

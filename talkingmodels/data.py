@@ -92,6 +92,12 @@ class TokenStates:
     __getitem__ = rows
 
 
+def teacher_cached(holder, layers) -> bool:
+    """Whether ``holder`` (a :class:`Split` or :class:`Batch`) has the frozen teacher's
+    states at ``layers`` and its output in its ``teacher_cache``."""
+    return all(key in holder.teacher_cache for key in (*layers, "output"))
+
+
 def _move(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 

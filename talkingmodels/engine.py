@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from talkingmodels import distributed, losses, taps
-from talkingmodels.data import Batch, Split, Splits, as_loader, iterate
+from talkingmodels.data import Batch, Split, Splits, as_loader, iterate, teacher_cached
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save
 from talkingmodels.losses import Metric
@@ -173,7 +173,7 @@ def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...]
     ``split`` in ``split.teacher_cache`` (on the CPU; run on the teacher's device): the
     teacher is then never run again on it. Nothing to do when the task already filled the
     cache (e.g. from its disk cache)."""
-    if all(key in split.teacher_cache for key in (*layers, "output")):
+    if teacher_cached(split, layers):
         return
     device = device_of(teacher)
     split.teacher_cache = taps.collect(

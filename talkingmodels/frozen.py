@@ -144,9 +144,10 @@ def _write(path: Path, batches: Iterator[tuple[int, dict[str, torch.Tensor], set
     atomic_write(path, write)
 
 
-def _raw(value: torch.Tensor) -> bytes:
-    """A tensor's bytes in memory order (any dtype, bfloat16 included)."""
-    return value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _raw(value: torch.Tensor):
+    """A tensor's bytes in memory order (any dtype, bfloat16 included), as a buffer that
+    ``write`` takes without another copy."""
+    return value.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from talkingmodels import taps
-from talkingmodels.data import Batch
+from talkingmodels.data import Batch, teacher_cached
 from talkingmodels.engine import Stage, Supervised
 from talkingmodels.errors import UserError
 from talkingmodels.states import ModelPair, OutputKind, feature_dim, pooled, token_mask
@@ -158,10 +158,9 @@ class Distiller(Supervised):
         Served from the batch's teacher cache when the task precomputed them; else one
         forward pass of the teacher, without an autograd graph when it is frozen.
         """
-        wanted = (*layers, "output")
         cached = not self.config.unfreeze_teacher  # an unfrozen teacher changes every step
-        if cached and all(key in batch.teacher_cache for key in wanted):
-            return {key: _as_float(batch.teacher_cache[key]) for key in wanted}
+        if cached and teacher_cached(batch, layers):
+            return {key: _as_float(batch.teacher_cache[key]) for key in (*layers, "output")}
         with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
             with taps.capture(self.teacher, layers) as states:
                 output = taps.prediction(self.run_teacher(batch))

@@ -16,7 +16,8 @@ one process: the median of ``steps`` timed steps (after warm-up) of
 - the teacher's forward over those layers without autograd (what no gradient would cost);
 - the interaction round's channel alone: the question's encoder ``E_S(s_l)`` and the
   teacher's decoder ``D_T``, the answer's encoder ``E_T`` and the student's decoder ``D_S``
-  and the distance, forward and backward, with no teacher layer in between;
+  and the distance, forward and backward, with no teacher layer in between; and its forward
+  alone without autograd (less than any channel of these four projections can cost);
 - TD with each of its cheaper-interaction options (``VARIANTS``: half of each batch
   interacts, every second step interacts, the teacher's segment under bf16 autocast); the
   share of the interaction round's cost each keeps is ``(variant - rounds 0) / (td - rounds 0)``.
@@ -34,13 +35,14 @@ TD's **floor** is what it cannot avoid: its step without the interaction (``roun
 plus the interpretation step alone (forward and backward); ``td / floor`` is the overhead
 left on top of both. The floor leaves out the channel's own projections in the round, which
 are real work too; ``td / (floor + channel)`` is the overhead left on top of all three.
-``--csv FILE`` writes ``task``, ``td_ms``, ``floor_ms``, ``td_over_floor``, ``channel_ms``
-and ``td_over_floor_and_channel`` per task. ``--compile`` also times TD with its interaction round
-(``interaction_terms``: channel and interpretation) under ``torch.compile`` (the other steps
-of such a run were slower on CPU: take the floor without it). With ``--ops N``
-the N aten operators with the most self time in TD's step are printed too (torch.profiler);
-with ``--residual N``, the N operators whose self time per step in TD's step differs most
-from the sum of its parts measured alone (rounds 0, the interpretation, the channel).
+``--csv FILE`` writes ``task``, ``td_ms``, ``floor_ms``, ``td_over_floor``, ``channel_ms``,
+``td_over_floor_and_channel`` and ``channel_forward_ms`` per task. ``--compile`` also times
+TD with its interaction round (``interaction_terms``: channel and interpretation) under
+``torch.compile`` (the other steps of such a run were slower on CPU: take the floor without
+it). With ``--ops N`` the N aten operators with the most self time in TD's step are printed
+too (torch.profiler); with ``--residual N``, the N operators whose self time per step in
+TD's step differs most from the sum of its parts measured alone (rounds 0, the
+interpretation, the channel).
 """
 
 from __future__ import annotations
@@ -193,20 +195,24 @@ def profile_task(name: str, args, task_options: dict | None = None) -> dict:
         if grad:
             out.backward(h["answer_grad"])
 
-    def channel():
+    def channel(grad: bool):
         """The interaction round's own channel work alone, forward and backward: the question
         E_S(s_l) decoded by D_T (its gradient: a dense one, as the teacher's layers send),
         the answer E_T(t'_h) (here the cached t_h) decoded by D_S, and the distance to s_h."""
         h = next(held_batches)
-        s_l, s_h, t_h = (h[key].detach().requires_grad_() for key in ("s_l", "s_h", "t_h"))
-        heard = td.hear(side_s.encoder(s_l, "l"), h["t_l"])
-        answer = side_s.decoder(to_grid(side_t.encoder(t_h, "h"), s_h), "h")
-        loss = td.distance(answer, s_h, token_mask(h["batch"], s_h))
-        torch.autograd.backward([loss, heard], [None, h["heard_grad"]])
+        s_l, s_h, t_h = (h[key].detach().requires_grad_(grad) for key in ("s_l", "s_h", "t_h"))
+        with torch.set_grad_enabled(grad):
+            heard = td.hear(side_s.encoder(s_l, "l"), h["t_l"])
+            answer = side_s.decoder(to_grid(side_t.encoder(t_h, "h"), s_h), "h")
+            loss = td.distance(answer, s_h, token_mask(h["batch"], s_h))
+        if grad:
+            torch.autograd.backward([loss, heard], [None, h["heard_grad"]])
 
     timed["interpretation"] = lambda: interpret(True)
     timed["interpretation (forward only)"] = lambda: interpret(False)
-    timed["channel"] = channel
+    timed["channel"] = lambda: channel(True)
+    # (forward only: a lower bound on what any channel of these four projections costs)
+    timed["channel (forward only)"] = lambda: channel(False)
     if args.residual:
         row["residual"] = residual_table(timed, args.residual)
     row.update(interleaved_ms(timed, max(1, args.repeats * args.steps // 2)))
@@ -218,7 +224,8 @@ def profile_task(name: str, args, task_options: dict | None = None) -> dict:
     return row
 
 
-COLUMNS = ("task", "td_ms", "floor_ms", "td_over_floor", "channel_ms", "td_over_floor_and_channel")
+COLUMNS = ("task", "td_ms", "floor_ms", "td_over_floor", "channel_ms", "td_over_floor_and_channel",
+           "channel_forward_ms")
 
 
 def write_csv(path, rows: list[dict]) -> None:
@@ -227,7 +234,8 @@ def write_csv(path, rows: list[dict]) -> None:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         writer.writerows([r["task"], f"{r['td']:.3f}", f"{r['floor']:.3f}", f"{r['td'] / r['floor']:.3f}",
-                          f"{r['channel']:.3f}", f"{r['td'] / r['floor and channel']:.3f}"] for r in rows)
+                          f"{r['channel']:.3f}", f"{r['td'] / r['floor and channel']:.3f}",
+                          f"{r['channel (forward only)']:.3f}"] for r in rows)
 
 
 def main() -> None:
@@ -243,7 +251,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=0, help="print TD's top N operators")
     parser.add_argument("--residual", type=int, default=0,
                         help="print the N operators with the most time in TD's step beyond its parts alone")
-    parser.add_argument("--csv", help="write task, td_ms, floor_ms, td_over_floor here")
+    parser.add_argument("--csv", help="write the floor table's columns here (COLUMNS)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [profile_task(name, args) for name in args.tasks.split(",")]
@@ -258,11 +266,13 @@ def main() -> None:
               f"({100 * r['interaction'] / r['td']:.0f}% of td) | {r['interpretation']:.2f} | "
               f"{r['interpretation (forward only)']:.2f} |")
     print("\n| task | td step (ms) | floor: rounds 0 + interpretation (ms) | td / floor | the round's "
-          "channel alone (ms) | td / (floor + channel) |")
-    print("|---|---|---|---|---|---|")
+          "channel alone (ms) | its forward only (ms, % of the floor) | td / (floor + channel) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        forward = r["channel (forward only)"]
         print(f"| {r['task']} | {r['td']:.2f} | {r['floor']:.2f} | {r['td'] / r['floor']:.2f} | "
-              f"{r['channel']:.2f} | {r['td'] / r['floor and channel']:.2f} |")
+              f"{r['channel']:.2f} | {forward:.2f} ({100 * forward / r['floor']:.1f}%) | "
+              f"{r['td'] / r['floor and channel']:.2f} |")
     print("\n| task | td step (ms) | " + " | ".join(f"{v} (ms, share of the interaction kept)"
                                                 for v in VARIANTS) + " |")
     print("|---|---|" + "---|" * len(VARIANTS))

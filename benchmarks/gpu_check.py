@@ -1,6 +1,6 @@
 """logit-kd and TD training steps on a GPU, in fp32 and bf16, against the CPU.
 
-    python benchmarks/gpu_check.py [--tasks vision,text] [--methods logit-kd,td]
+    python benchmarks/gpu_check.py [--tasks vision,text,lm] [--methods logit-kd,td]
         [--precisions no,bf16] [--device cuda] [--compare 3] [--warmup 5] [--steps 30]
 
 For each task (its first bench setting, prepared as the bench prepares it: the frozen
@@ -103,7 +103,7 @@ def check(task_name: str, method_name: str, args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="vision,text")
+    parser.add_argument("--tasks", default="vision,text,lm")
     parser.add_argument("--methods", default="logit-kd,td")
     parser.add_argument("--precisions", default="no,bf16")
     parser.add_argument("--device", default="cuda")

@@ -310,9 +310,8 @@ def pooled_states(model, layer: str, split, side: str = "student", batch_size: i
                               else (batch.teacher_inputs, batch.teacher_kwargs))
             if dtype == torch.bfloat16:  # a teacher held in bf16 reads bf16 images
                 inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
-            with taps.capture(model, [layer]) as states:
-                model(*inputs, **kwargs)
-            state = states[layer].float()
+            # (the forward stops at the layer: a large teacher's later layers cost nothing)
+            state = taps.state_at(model, layer, *inputs, **kwargs).float()
             parts.append(pooled(state, token_mask(batch, state)).cpu())
     finally:
         model.train(was_training)

@@ -10,13 +10,14 @@ whether the student's output fits the task.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from talkingmodels import distributed, frozen, losses
@@ -33,12 +34,9 @@ from talkingmodels.engine import (
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_write_text
 from talkingmodels.losses import Metric
-from talkingmodels.states import ModelPair, OutputKind
+from talkingmodels.states import TAILS, ModelPair, OutputKind, vocabulary
 
-TASKS: dict[str, tuple[Callable, Metric]] = {
-    "classification": (F.cross_entropy, losses.ACCURACY),
-    "regression": (losses.mse, losses.RMSE),
-}
+TASKS = losses.TASKS  # task name -> (loss, default metric): classification, regression, causal-lm
 CACHES = (False, True, "memory", "disk")
 WEIGHTS, META = "model.safetensors", "talkingmodels.json"
 
@@ -105,10 +103,24 @@ def _method_class(method):
     return get_method(method)
 
 
+def _loss_name(task: Callable) -> str:
+    return getattr(task, "__qualname__", None) or type(task).__name__
+
+
+def _user_loss_metric(task: Callable) -> Metric:
+    """The selection metric of a loss callable: its mean over the evaluation batches,
+    weighted by their size (streamed: no split's predictions are held at once)."""
+    def totals(prediction, target):
+        return torch.stack([task(prediction, target).detach().float() * len(target),
+                            torch.tensor(float(len(target)), device=prediction.device)])
+
+    return Metric("loss", lambda p, t: task(p, t), False, totals, lambda sums: sums[0] / sums[1])
+
+
 def _task(task, metric) -> tuple[Callable, Metric | None, OutputKind | None]:
     """(loss, metric, output kind); the kind is None for a loss callable (read off the data)."""
     if callable(task):
-        loss, default, output = task, Metric("loss", task, higher_is_better=False), None
+        loss, default, output = task, _user_loss_metric(task), None
     elif task in TASKS:
         (loss, default), output = TASKS[task], task
     else:
@@ -124,32 +136,81 @@ def _task(task, metric) -> tuple[Callable, Metric | None, OutputKind | None]:
                     "talkingmodels.losses.Metric(name, fn, higher_is_better)")
 
 
+def _positions(model: nn.Module) -> int | None:
+    """How many positions a Hugging Face model's config says it reads (None: not said)."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
+
+
+def _kind_of(prediction: torch.Tensor, target: torch.Tensor) -> OutputKind:
+    """The output kind a prediction and its target look like (for a user's loss callable)."""
+    integer = not (target.is_floating_point() or target.is_complex())
+    if integer and prediction.dim() == 3 and target.shape == prediction.shape[:2]:
+        return "causal-lm"
+    if integer and prediction.dim() == 2 and target.shape == prediction.shape[:1]:
+        return "classification"
+    return "regression"
+
+
+def _check_causal_lm(prediction: torch.Tensor, target: torch.Tensor, seen: str) -> None:
+    integer = not (target.is_floating_point() or target.is_complex())
+    if not (integer and prediction.dim() == 3 and target.shape == prediction.shape[:2]):
+        raise UserError(f"task 'causal-lm' needs (batch, seq, vocabulary) logits and integer labels "
+                        f"(batch, seq) with -100 where no token is predicted; {seen}")
+    real = target[target != losses.IGNORE]
+    if len(real) and (int(real.min()) < 0 or int(real.max()) >= prediction.shape[-1]):
+        raise UserError(f"task 'causal-lm': labels must lie in 0..{prediction.shape[-1] - 1} (the "
+                        f"student's vocabulary of {prediction.shape[-1]}) or be -100; found "
+                        f"{int(real.min())}..{int(real.max())}")
+
+
 @torch.no_grad()
-def _check_output(student: nn.Module, batch: Batch, output: OutputKind | None) -> OutputKind:
+def _check_output(student: nn.Module, batch: Batch, output: OutputKind | None,
+                  loss: Callable | None = None) -> OutputKind:
     """The task's output kind, checked against what the student predicts on ``batch``
-    (run in eval mode, so no BN statistic moves)."""
+    (run in eval mode, so no BN statistic moves). A user's ``loss`` callable (``output``
+    None) is called on that prediction instead: any shapes it accepts are valid."""
     from talkingmodels import taps
 
+    target = batch.target
+    positions = _positions(student)
+    if output == "causal-lm" and positions is not None and target.dim() == 2 and target.shape[1] > positions:
+        raise UserError(f"sequences of {target.shape[1]} tokens are longer than the student's "
+                        f"{positions} positions (its config's max_position_embeddings); cut them "
+                        f"to at most {positions} tokens")
     was_training = student.training
     student.eval()
     try:
         prediction = taps.prediction(batch.to(device_of(student)).run_student(student))
-    except (TypeError, RuntimeError) as exc:
+    except (TypeError, RuntimeError, IndexError) as exc:
         raise UserError(f"the student ({type(student).__name__}) cannot run on a batch of the "
                         f"data: {str(exc).splitlines()[0]}") from None
     finally:
         student.train(was_training)
-    target = batch.target
+    target = target.to(prediction.device)
     seen = (f"the student outputs {tuple(prediction.shape)}, the targets are {target.dtype} "
             f"{tuple(target.shape)}")
     integer = not (target.is_floating_point() or target.is_complex())
-    if output is None:
-        output = "classification" if integer and prediction.dim() == 2 else "regression"
-    if output == "classification":
+    if output is None:  # the user's own loss: it says what fits
+        name = _loss_name(loss)
+        try:
+            value = loss(prediction, target)
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's code is theirs
+            raise UserError(f"your loss (task={name}) failed on the first batch ({seen}): "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+            raise UserError(f"your loss (task={name}) must return a scalar float tensor; on the first "
+                            f"batch it returned {type(value).__name__}"
+                            f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+        return _kind_of(prediction, target)
+    if output == "causal-lm":
+        _check_causal_lm(prediction, target, seen)
+    elif output == "classification":
         if not (integer and prediction.dim() == 2 and target.shape == prediction.shape[:1]):
+            hint = ("for next-token logits use task='causal-lm'" if prediction.dim() == 3
+                    else "for real-valued targets use task='regression'")
             raise UserError(f"task 'classification' needs (batch, classes) logits and integer "
-                            f"class targets (batch,); {seen}; for real-valued targets use "
-                            "task='regression'")
+                            f"class targets (batch,); {seen}; {hint}")
         if len(target) and (int(target.min()) < 0 or int(target.max()) >= prediction.shape[1]):
             raise UserError(f"task 'classification': class targets must lie in 0..{prediction.shape[1] - 1} "
                             f"(the student's {prediction.shape[1]} outputs); found {int(target.min())}.."
@@ -160,10 +221,23 @@ def _check_output(student: nn.Module, batch: Batch, output: OutputKind | None) -
     return output
 
 
-def _cached_split(data, teacher: nn.Module, layers, mode, out: Path | None, batch_size: int) -> Split:
+def _full_cache_size(split: Split, teacher: nn.Module, student_vocab: int | None) -> int:
+    """Bytes of a causal LM's full next-token logits (float32) over the split's tokens."""
+    vocab = vocabulary(teacher) or student_vocab or 0
+    tokens = int(split.lengths.sum()) if split.lengths is not None else (
+        len(split) * int(split.target.shape[1]) if split.target.dim() == 2 else len(split))
+    return tokens * vocab * 4
+
+
+def _cached_split(data, teacher: nn.Module, layers, mode, out: Path | None, batch_size: int,
+                  output: OutputKind = "classification", top_k: int | None = None,
+                  tail: str = "renormalise", student_vocab: int | None = None) -> Split:
     """The training data as a Split with the frozen teacher's states at ``layers`` and its
     output computed once per example (in memory, or in a file on disk read memory-mapped).
-    A loader's dataset is read once, in order: per-epoch random augmentation is then lost."""
+    A loader's dataset is read once, in order: per-epoch random augmentation is then lost.
+    A causal LM's output is kept as its ``top_k`` next tokens per position; its full
+    logits (``top_k`` None) are cached only after their size is printed, and never past the
+    free disk."""
     if isinstance(data, Split):
         split = data
     else:
@@ -176,13 +250,45 @@ def _cached_split(data, teacher: nn.Module, layers, mode, out: Path | None, batc
         split = Split.from_batches(iterate(loader, batch_size))
     if teacher_cached(split, layers or ()):
         return split  # (a Split handed over with its teacher's states already)
-    if mode == "disk":  # written batch by batch, read memory-mapped
+    folder = None
+    if mode == "disk":
         folder = out or Path(tempfile.mkdtemp(prefix="talkingmodels-"))
+    if output == "causal-lm" and top_k is None:
+        size = _full_cache_size(split, teacher, student_vocab)
+        where = f"on disk in {folder}" if folder is not None else "in memory"
+        print(f"caching the teacher's full next-token logits {where}: {size / 2**30:.2f} GiB "
+              "(top_k=K keeps K tokens per position instead)", file=sys.stderr)
+        if folder is not None:
+            existing = next(p for p in (Path(folder), *Path(folder).absolute().parents) if p.exists())
+            free = shutil.disk_usage(existing).free
+            if size > free:
+                raise UserError(f"a full-vocabulary teacher cache of {size / 2**30:.2f} GiB does not fit "
+                                f"the {free / 2**30:.2f} GiB free in {folder}; pass top_k (e.g. 100) to "
+                                "cache the teacher's top-k tokens, or cache_teacher=False")
+    if mode == "disk":  # written batch by batch, read memory-mapped
         split.teacher_cache = frozen.write_teacher_cache(
-            Path(folder) / "teacher_cache.safetensors", teacher, split, tuple(layers or ()), batch_size)
+            Path(folder) / "teacher_cache.safetensors", teacher, split, tuple(layers or ()), batch_size,
+            top_k, tail)
     else:
-        precompute_teacher(teacher, split, tuple(layers or ()))
+        # (a causal LM's logits are tokens x vocabulary floats: in the training batches, not
+        # in one pass over the split)
+        precompute_teacher(teacher, split, tuple(layers or ()), batch_size if output == "causal-lm" else 8192,
+                           top_k=top_k, tail=tail)
     return split
+
+
+def _check_top_k(top_k, tail, cache_teacher, output: OutputKind, vocab: int | None) -> None:
+    if tail not in TAILS:
+        raise UserError(f"unknown top_k_tail {tail!r}; valid: {', '.join(TAILS)}")
+    if top_k is None:
+        return
+    if not (isinstance(top_k, int) and top_k >= 1):
+        raise UserError(f"top_k must be a whole number >= 1 (tokens kept per position); got {top_k!r}")
+    if output != "causal-lm" or not cache_teacher:
+        raise UserError("top_k applies to a cached causal-LM teacher: task='causal-lm' with "
+                        "cache_teacher='memory' or 'disk'")
+    if vocab is not None and top_k > vocab:
+        raise UserError(f"top_k {top_k} is larger than the vocabulary of {vocab} tokens; valid: 1..{vocab}")
 
 
 def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, method="td",
@@ -192,7 +298,8 @@ def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, metho
             epochs: int = 30, lr: float = 1e-3, device: str = "auto", mixed_precision: str = "no",
             cache_teacher: bool | str = False, out: str | Path | None = None, seed: int = 0,
             batch_size: int = 256, patience: int = 5, progress: bool = True,
-            train_options: dict | None = None, **method_options) -> Result:
+            train_options: dict | None = None, top_k: int | None = None,
+            top_k_tail: str = "renormalise", **method_options) -> Result:
     """Distil ``teacher`` into ``student`` with ``method`` on the user's data.
 
     ``train`` / ``val`` / ``test`` (test optional): DataLoaders (map-style or iterable
@@ -204,7 +311,9 @@ def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, metho
     ``"memory"`` / ``"disk"`` computes the frozen teacher's states once per training example
     (the training data is then read once, in order, and shuffled by the run's seed); ``"disk"``
     writes them batch by batch to ``out/teacher_cache.safetensors`` (a temporary folder without
-    ``out``) and reads them memory-mapped.
+    ``out``) and reads them memory-mapped. ``top_k`` (``task="causal-lm"``): the cache keeps the
+    teacher's ``top_k`` most likely next tokens per position instead of its full logits, their
+    tail's mass ``top_k_tail`` ``"renormalise"``-d away or kept as one ``"other"`` bucket.
     ``batch_size`` applies to data that is not already a DataLoader; ``train_options`` holds
     any other :class:`TrainConfig` value (``weight_decay``, ``teacher_dtype``, ...).
     ``out``: a folder for the run's checkpoint (a rerun resumes it) and the saved student.
@@ -225,7 +334,8 @@ def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, metho
               for side, names in (("student", student_layers), ("teacher", teacher_layers))}
     train, val = as_loader(train, cfg.batch_size, shuffle=True), as_loader(val, cfg.eval_batch_size, False)
     test = None if test is None else as_loader(test, cfg.eval_batch_size, False)
-    output = _check_output(student, first_batch(train, cfg.batch_size), output)
+    output = _check_output(student, first_batch(train, cfg.batch_size), output, loss)
+    _check_top_k(top_k, top_k_tail, cache_teacher, output, vocabulary(teacher) or vocabulary(student))
     seed_everything(seed)
     distiller = cls(ModelPair(student, teacher, layers["student"], layers["teacher"], output, loss),
                     options)
@@ -233,10 +343,12 @@ def distill(student: nn.Module, teacher: nn.Module, train, val, test=None, metho
     if cache_teacher and not options.unfreeze_teacher:
         # A loader's own batch size carries over to the cached split's shuffled batches.
         batch = getattr(train, "batch_size", None) or cfg.batch_size
-        train = _cached_split(train, teacher, layers["teacher"], cache_teacher, out, batch)
+        train = _cached_split(train, teacher, layers["teacher"], cache_teacher, out, batch, output, top_k,
+                              top_k_tail, vocabulary(student))
         cfg = cfg.model_copy(update={"batch_size": batch})
     fingerprint = {"method": {"name": cls.name, **options.model_dump(mode="json")},
-                   "train": cfg.model_dump(), "seed": seed}
+                   "train": cfg.model_dump(), "seed": seed,
+                   **({"top_k": top_k, "top_k_tail": top_k_tail} if top_k is not None else {})}
     result = fit(distiller, Splits(train, val, test), metric, cfg, seed,
                  checkpoint=None if out is None else out / "checkpoint.pt",
                  fingerprint=fingerprint, progress=progress)

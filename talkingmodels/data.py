@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from talkingmodels.errors import UserError
+from talkingmodels.states import TopK
 
 LABEL_KEYS = ("labels", "label")  # where a dict batch keeps its targets
 
@@ -92,6 +93,30 @@ class TokenStates:
     __getitem__ = rows
 
 
+class TokenTopK:
+    """A split's packed top-k teacher distributions (see :class:`TokenStates`): per real
+    token, the ``k`` largest log-probabilities and their token ids; ``rows(index, keep)``
+    hands a batch's rows back as a :class:`~talkingmodels.states.TopK` (batch, keep, k)."""
+
+    def __init__(self, log_probs: TokenStates, indices: TokenStates, tail: str = "renormalise"):
+        self.log_probs, self.indices, self.tail = log_probs, indices, tail
+
+    def __len__(self) -> int:
+        return len(self.log_probs)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.log_probs.shape
+
+    def dim(self) -> int:
+        return 3
+
+    def rows(self, index: torch.Tensor | slice, keep: int | None = None) -> TopK:
+        return TopK(self.log_probs.rows(index, keep), self.indices.rows(index, keep), self.tail)
+
+    __getitem__ = rows
+
+
 def teacher_cached(holder, layers) -> bool:
     """Whether ``holder`` (a :class:`Split` or :class:`Batch`) has the frozen teacher's
     states at ``layers`` and its output in its ``teacher_cache``."""
@@ -151,6 +176,8 @@ class Batch:
         tensor (inputs, target, cached teacher rows, lengths) cut alike."""
 
         def take(x):  # (an index on the GPU still cuts the CPU-side index of the rows)
+            if isinstance(x, TopK):
+                return x[index.to(x.device) if isinstance(index, torch.Tensor) else index]
             if not isinstance(x, torch.Tensor) or x.dim() == 0:
                 return x
             return x[index.to(x.device) if isinstance(index, torch.Tensor) else index]
@@ -324,7 +351,7 @@ class Split:
         keep = int(lengths.max()) if sequences else None
 
         def take(x):  # per-token tensors lose the padding columns past `keep`
-            if isinstance(x, TokenStates):
+            if isinstance(x, (TokenStates, TokenTopK)):
                 return x.rows(index, keep)
             if sequences and x.dim() > 1 and x.shape[1] == padded:
                 return x[index, :keep]
@@ -337,7 +364,8 @@ class Split:
             k: take(v) for k, v in self.teacher_kwargs.items()}
         cache = LazyRows(self.teacher_cache, take)
         rows = index if isinstance(index, torch.Tensor) else torch.arange(len(self))[index]
-        return Batch(student, teacher, self.target[index], cache, rows, lengths, s_kwargs, t_kwargs)
+        # (a causal LM's labels (n, seq) lose the padding columns too)
+        return Batch(student, teacher, take(self.target), cache, rows, lengths, s_kwargs, t_kwargs)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 shard: tuple[int, int] = (0, 1)):

@@ -36,6 +36,7 @@ from talkingmodels.data import Batch, Split, Splits, as_loader, iterate, teacher
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_save
 from talkingmodels.losses import Metric
+from talkingmodels.states import TopK
 
 # What shapes how a run is computed but not what it learns: left out of cache keys.
 RUNTIME_FIELDS = {"device", "mixed_precision", "teacher_dtype", "deterministic"}
@@ -163,23 +164,52 @@ def predict(model: nn.Module, data, batch_size: int = 8192) -> torch.Tensor:
 
 def evaluate(model: nn.Module, data, metric: Metric, batch_size: int = 8192,
              autocast=contextlib.nullcontext) -> float:
-    return float(metric.fn(*predictions(model, data, batch_size, autocast)))
+    """``metric`` of the model on ``data`` (in eval mode; its mode is restored). A streamed
+    metric (``metric.totals``) is summed batch by batch, in float64, on the model's device."""
+    if metric.totals is None:
+        return float(metric.fn(*predictions(model, data, batch_size, autocast)))
+    was_training = model.training
+    model.eval()
+    device, sums = device_of(model), None
+    try:
+        with torch.no_grad():
+            for batch in iterate(as_loader(data, batch_size, shuffle=False), batch_size):
+                batch = batch.to(device)
+                with autocast():
+                    output = taps.prediction(batch.run_student(model))
+                part = metric.totals(output.float(), batch.target).double()
+                sums = part if sums is None else sums + part
+    finally:
+        model.train(was_training)
+    if sums is None:
+        raise UserError("the evaluation data yielded no batches")
+    return float(metric.finish(sums))
 
 
 @torch.no_grad()
 def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...],
-                       batch_size: int = 8192) -> None:
+                       batch_size: int = 8192, top_k: int | None = None, tail: str = "renormalise") -> None:
     """Store the frozen teacher's states at ``layers`` and its output for every example of
     ``split`` in ``split.teacher_cache`` (on the CPU; run on the teacher's device): the
     teacher is then never run again on it. Nothing to do when the task already filled the
-    cache (e.g. from its disk cache)."""
+    cache (e.g. from its disk cache). ``top_k``: a causal LM's output is kept as its
+    ``top_k`` most likely next tokens per position (a :class:`TopK` with ``tail``)."""
     if teacher_cached(split, layers):
         return
     device = device_of(teacher)
-    split.teacher_cache = taps.collect(
-        teacher, layers, (batch.to(device) for batch in split.batches(batch_size)),
-        lambda batch: taps.prediction(batch.run_teacher(teacher)), "output",
-        width=None if split.lengths is None else int(split.lengths.max()))
+
+    def run(batch):
+        output = taps.prediction(batch.run_teacher(teacher))
+        if top_k is None:
+            return output
+        top = TopK.of(output, top_k)
+        return {"output": top.log_probs, "output_indices": top.indices}
+
+    cache = taps.collect(teacher, layers, (batch.to(device) for batch in split.batches(batch_size)), run,
+                         "output", width=None if split.lengths is None else int(split.lengths.max()))
+    if top_k is not None:
+        cache["output"] = TopK(cache["output"], cache.pop("output_indices"), tail)
+    split.teacher_cache = cache
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

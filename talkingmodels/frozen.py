@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkingmodels import losses, taps
-from talkingmodels.data import TokenStates
+from talkingmodels.data import TokenStates, TokenTopK
 from talkingmodels.io import atomic_write
 from talkingmodels.probes import libc
+from talkingmodels.states import TopK
 
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -65,7 +66,7 @@ def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -
 
 # safetensors' names of the dtypes a cache holds
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.uint8: "U8"}
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 ALIGN, PAD = 64, "__pad__"  # where a cache file's tensors start; the name of the padding
 
 
@@ -81,14 +82,16 @@ def _captured(teacher: nn.Module, layers: tuple[str, ...], key: str,
     teacher.eval()
     for start, lengths, run in runs:
         with taps.capture(teacher, layers) as states:
-            states[key] = run()
+            out = run()  # (a dict: several outputs by name, e.g. a top-k's values and indices)
+        outputs = out if isinstance(out, dict) else {key: out}
         values, tokens = {}, set()
-        for name in (*layers, key):
-            value = states[name].cpu()
-            if lengths is not None and name != key and value.dim() == 3:
+        for name, value in {**{layer: states[layer] for layer in layers}, **outputs}.items():
+            value = value.cpu()
+            # (per-token outputs, a causal LM's, are packed too; pooled ones are 2-D)
+            if lengths is not None and value.dim() == 3:
                 value = value[torch.arange(value.shape[1]) < lengths.cpu()[:, None]]
                 tokens.add(name)
-            values[name] = value if name == key or cast is None else value.to(cast)
+            values[name] = value if name in outputs or cast is None else value.to(cast)
         yield start, values, tokens
 
 
@@ -206,30 +209,65 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
     return _states(_read(path), layers, n, cast)
 
 
-def _teacher_runs(teacher: nn.Module, split, batch_size: int):
+def _teacher_runs(teacher: nn.Module, split, batch_size: int, on_output: Callable | None = None):
     """(first row, real tokens per sequence or None, the teacher's output on it) per batch of
-    ``split``, in order (see :func:`_captured`)."""
+    ``split``, in order (see :func:`_captured`); ``on_output(output, batch)`` sees each."""
     device = next(teacher.parameters(), torch.empty(0)).device
+
+    def run(batch):
+        output = taps.prediction(batch.run_teacher(teacher))
+        if on_output is not None:
+            on_output(output, batch)
+        return output
+
     start = 0
     for batch in split.batches(batch_size):
-        yield start, batch.lengths, lambda batch=batch: taps.prediction(batch.to(device).run_teacher(teacher))
+        yield start, batch.lengths, lambda batch=batch: run(batch.to(device))
         start += len(batch)
 
 
 def write_teacher_cache(path: Path, teacher: nn.Module, split, layers: tuple[str, ...],
-                        batch_size: int) -> dict:
+                        batch_size: int, top_k: int | None = None, tail: str = "renormalise",
+                        dtype: str = "float32", on_output: Callable | None = None) -> dict:
     """The frozen teacher's states at ``layers`` and its output for every example of
     ``split``, computed in batches of ``batch_size`` and written batch by batch to ``path``
     (safetensors; token states of sequences stored without padding), then read back
     memory-mapped: what ``split.teacher_cache`` takes. The split's states are never all in
-    memory at once."""
+    memory at once. ``top_k``: a causal LM's output is stored as its ``top_k`` most likely
+    next tokens per position (log-probabilities and token ids, a
+    :class:`~talkingmodels.data.TokenTopK` with ``tail``) instead of its logits. ``dtype``:
+    the states' (and the top-k log-probabilities') dtype on disk (float16 halves them).
+    ``on_output(output, batch)`` sees the teacher's output on each batch (a task measures
+    the teacher's own metric in the same pass)."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True)
     width = None if split.lengths is None else int(split.lengths.max())
-    _write(path, _captured(teacher, layers, "output", _teacher_runs(teacher, split, batch_size)),
+    cast = CACHE_DTYPES[dtype]
+    runs = _teacher_runs(teacher, split, batch_size, on_output)
+    if top_k is not None:
+        runs = ((start, lengths, lambda run=run: _top_k(run(), top_k, cast)) for start, lengths, run in runs)
+    _write(path, _captured(teacher, layers, "output", runs, None if dtype == "float32" else cast),
            len(split), split.lengths, width)
+    return read_teacher_cache(path, tail)
+
+
+def _top_k(logits: torch.Tensor, k: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    top = TopK.of(logits, k)
+    return {"output": top.log_probs.to(dtype), "output_indices": top.indices.to(torch.int32)}
+
+
+def read_teacher_cache(path: Path, tail: str = "renormalise") -> dict:
+    """A file :func:`write_teacher_cache` wrote, memory-mapped, as a split's teacher cache."""
     stored = _read(path)
     packed, lengths, width = stored.pop("__packed__"), stored.pop("lengths", None), stored.pop("width", None)
-    return {name: TokenStates(value, lengths, int(width), release=release_pages) if name in packed
-            else value for name, value in stored.items()}
+    cache = {name: TokenStates(value, lengths, int(width), release=release_pages) if name in packed
+             else value for name, value in stored.items()}
+    if "output_indices" in cache:  # a top-k cache: the two halves are one distribution
+        indices = cache.pop("output_indices")
+        output = cache["output"]
+        cache["output"] = (TokenTopK(output, indices, tail) if isinstance(output, TokenStates)
+                           else TopK(output, indices, tail))
+    return cache
 
 
 def attach_probe(teacher: nn.Module, splits, layers: tuple[str, str],

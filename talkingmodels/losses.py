@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from talkingmodels.states import TAILS, TopK  # noqa: F401 (TopK is part of the losses' vocabulary)
+
 
 def scaled(term: torch.Tensor, weight: float, over: float = 1) -> torch.Tensor:
     """``weight * term / over``, skipping a weight or divisor of exactly 1: the same value and
@@ -76,19 +78,169 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric of (predictions, targets) and the direction in which it improves."""
+    """A named metric of (predictions, targets) and the direction in which it improves.
+
+    ``totals``, where given, makes the metric streamable: it maps one batch's predictions and
+    targets to a vector of sums, and ``fn`` of the whole split equals ``finish`` of the sums
+    over its batches. Evaluation then never holds a split's predictions (a causal LM's logits
+    are ``tokens x vocabulary`` floats: 12 GiB for 1,000 texts of 64 tokens and 49,152 words).
+    """
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     higher_is_better: bool
+    totals: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.higher_is_better else a < b
 
 
+# ------------------------------------------------------------------ causal language models
+IGNORE = -100  # a label no loss reads (padding, prompts), as in Hugging Face and PyTorch
+
+
+def next_token(labels: torch.Tensor) -> torch.Tensor:
+    """The causal shift, done here and nowhere else: the target of position ``i`` (batch,
+    seq) is label ``i + 1``, as Hugging Face models compute their own loss; the last
+    position predicts nothing (-100). The labels move, not the logits: a slice of a
+    (batch, seq, vocabulary) tensor would cost its backward a full zero-filled copy."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) mask of the positions whose next token is a real target (not -100)."""
+    return next_token(labels) != IGNORE
+
+
+def _per_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token ``values`` over the real target tokens of ``mask`` (0 without any:
+    a batch of padding alone contributes nothing, and its gradient stays finite)."""
+    return values[mask].sum() / mask.sum().clamp(min=1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of ``logits`` (batch, seq, vocabulary) for ``labels`` (batch,
+    seq), averaged over the real target tokens (labels -100 ignored)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), next_token(labels).flatten(), ignore_index=IGNORE)
+
+
+def _lm_totals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(summed next-token NLL, correct next tokens, real target tokens) of a batch."""
+    targets = next_token(labels)
+    mask = targets != IGNORE
+    logits, targets = logits[mask].float(), targets[mask]
+    nll = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum()
+    return torch.stack([nll, correct.to(nll.dtype), mask.sum().to(nll.dtype)])
+
+
+def perplexity(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """exp of the mean next-token NLL over the real target tokens (a metric)."""
+    return _perplexity(_lm_totals(logits, labels))
+
+
+def _perplexity(totals: torch.Tensor) -> torch.Tensor:
+    return torch.exp(totals[0] / totals[2].clamp(min=1))
+
+
+def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of real target tokens whose arg-max prediction is the next token (a metric)."""
+    return _next_token_accuracy(_lm_totals(logits, labels))
+
+
+def _next_token_accuracy(totals: torch.Tensor) -> torch.Tensor:
+    return totals[1] / totals[2].clamp(min=1)
+
+
+def _log1mexp(log_mass: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable near 0 and near -inf (Maechler's two branches,
+    each fed only inputs it is finite on, so that no NaN gradient leaks through the other).
+    An empty tail (k = the vocabulary, or a mass that rounds to 1) is held at a mass of
+    1e-30, not 0: its KL terms are then 0, not 0 * inf = NaN."""
+    x = log_mass.clamp(max=-1e-30)
+    near = x > -0.6931
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
+
+
+def bucket_log_probs(student_logits: torch.Tensor, teacher: torch.Tensor | TopK,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' next-token log-distributions over the same buckets: (student, teacher),
+    each (..., buckets). Full teacher logits: the vocabulary at ``temperature``. A
+    :class:`TopK` teacher: its ``k`` tokens, with its ``tail`` either ``"renormalise"``-d away
+    (both distributions restricted to the k tokens and renormalised; any temperature) or
+    kept as one ``"other"`` bucket holding the rest of the mass (k + 1 buckets; exact at
+    temperature 1 only, the temperature the cache's probabilities are stored at). Both
+    equal the full-vocabulary distributions once k is the vocabulary."""
+    student_logits = student_logits.float()
+    if isinstance(teacher, torch.Tensor):
+        return (F.log_softmax(student_logits / temperature, dim=-1),
+                F.log_softmax(teacher.float() / temperature, dim=-1))
+    indices = teacher.indices.long()
+    teacher_log = teacher.log_probs.float()
+    if teacher.tail == "renormalise":  # restricted, renormalised: softmax(log p / T) = softmax(z / T)
+        return (F.log_softmax(student_logits.gather(-1, indices) / temperature, dim=-1),
+                F.log_softmax(teacher_log / temperature, dim=-1))
+    if temperature != 1:
+        raise ValueError(f"a top-k cache's 'other' bucket is exact at temperature 1 only (its "
+                         f"probabilities are stored at 1); got temperature {temperature}: use "
+                         "tail 'renormalise' or temperature 1")
+    student_log = F.log_softmax(student_logits, dim=-1).gather(-1, indices)
+
+    def with_other(log_probs):
+        return torch.cat([log_probs, _log1mexp(log_probs.logsumexp(-1, keepdim=True))], dim=-1)
+
+    return with_other(student_log), with_other(teacher_log)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim, per position; terms with p = 0 count 0."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def token_kd_kl(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Logit KD per token (Hinton et al. 2015 at every position of a causal LM):
+    ``T^2 * KL(p_teacher || p_student)`` at temperature ``T``, averaged over the positions
+    whose next token is a real target (the same positions the task's loss counts)."""
+    log_q, log_p = bucket_log_probs(student_logits, teacher, temperature)
+    return _per_token_mean(_kl(log_p, log_q), target_tokens(labels)) * temperature**2
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, Eq. 1) per
+    token, averaged over the real target tokens: with the mixture ``m = beta p_T + (1 -
+    beta) p_S``, ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)``; ``beta = 0`` is the forward
+    ``KL(p_T || p_S)``, ``beta = 1`` the reverse ``KL(p_S || p_T)`` (as TRL's GKDTrainer)."""
+    log_q, log_p = bucket_log_probs(student_logits, teacher, temperature)
+    if beta == 0:
+        divergence = _kl(log_p, log_q)
+    elif beta == 1:
+        divergence = _kl(log_q, log_p)
+    else:
+        mixture = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+        divergence = beta * _kl(log_p, mixture) + (1 - beta) * _kl(log_q, mixture)
+    return _per_token_mean(divergence, target_tokens(labels))
+
+
+def _streamed(name: str, totals, finish, higher: bool) -> Metric:
+    return Metric(name, lambda p, t: finish(totals(p, t)), higher, totals, finish)
+
+
 ACCURACY = Metric("accuracy", accuracy, higher_is_better=True)
 RMSE = Metric("rmse", rmse, higher_is_better=False)
-METRICS = {metric.name: metric for metric in (ACCURACY, RMSE)}  # the metrics known by name
+PERPLEXITY = _streamed("perplexity", _lm_totals, _perplexity, higher=False)
+NEXT_TOKEN_ACCURACY = _streamed("next_token_accuracy", _lm_totals, _next_token_accuracy, higher=True)
+METRICS = {metric.name: metric for metric in (ACCURACY, RMSE, PERPLEXITY, NEXT_TOKEN_ACCURACY)}
+
+# Each output kind's task loss and default metric (the task a student's output fits).
+TASKS: dict[str, tuple[Callable, Metric]] = {
+    "classification": (F.cross_entropy, ACCURACY),
+    "regression": (mse, RMSE),
+    "causal-lm": (causal_lm_loss, PERPLEXITY),
+}
 
 
 # ------------------------------------------------------------------ modern KD baselines

@@ -87,16 +87,17 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.
 def collect(model: nn.Module, layers: Sequence[str], batches: Iterable, run: Callable,
             key: str, width: int | None = None) -> dict[str, torch.Tensor]:
     """``model``'s states at ``layers`` while ``run(batch)`` computes the value stored under
-    ``key``, for every batch of ``batches``, concatenated on the CPU (how a frozen teacher's
-    states are cached). Token states (n, tokens, dim) are right-padded to ``width`` tokens
+    ``key`` (or, where it returns a dict, the values under its names), for every batch of
+    ``batches``, concatenated on the CPU (how a frozen teacher's states are cached). Token
+    states (n, tokens, dim) are right-padded to ``width`` tokens
     when it is given (batches of sequences may be cut to their longest sentence)."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
         with capture(model, layers) as states:
-            states[key] = run(batch)
-        for name in (*layers, key):
-            value = states[name]
+            out = run(batch)  # (a dict: several outputs by name)
+        outputs = out if isinstance(out, dict) else {key: out}
+        for name, value in {**{layer: states[layer] for layer in layers}, **outputs}.items():
             if width is not None and value.dim() == 3:
                 value = nn.functional.pad(value, (0, 0, 0, width - value.shape[1]))
             parts.setdefault(name, []).append(value.cpu())
@@ -142,6 +143,89 @@ def _sequential_path(model: nn.Module, low: str, high: str) -> list[nn.Module] |
         raise UserError(f"layer {low!r} must run before layer {high!r} (l before h)")
     # (a list of the children, not parent[a:b]: slicing builds a new Sequential per call)
     return list(parent)[int(low_index) + 1 : int(high_index) + 1]
+
+
+def _decoder_stack(model: nn.Module, low: str, high: str | None) -> Callable | None:
+    """The fast path between two layers ``PREFIX.layers.i`` and ``PREFIX.layers.j`` of a
+    Hugging Face decoder stack (Llama, Qwen2, Mistral and the models built like them: the
+    module at ``PREFIX`` holds ``layers``, ``rotary_emb`` and ``config``), or from layer ``i``
+    to the logits (``high`` None; the stack's final ``norm`` and the model's ``lm_head``):
+    a function of (state, *inputs, **kwargs) that runs only layers i+1..j, with the rotary
+    position embeddings and the causal (or sliding-window) mask the model itself would
+    build from the batch's ``attention_mask`` and ``position_ids``. None where it does not
+    apply (the generic path then runs)."""
+    prefix, _, low_index = low.rpartition(".layers.")
+    if not low_index.isdigit():
+        return None
+    try:
+        stack = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        return None
+    if not all(hasattr(stack, a) for a in ("layers", "rotary_emb", "config")):
+        return None
+    first = int(low_index) + 1
+    if high is None:
+        head = getattr(model, "lm_head", None)
+        if head is None or not prefix or not hasattr(stack, "norm"):
+            return None
+        last = len(stack.layers) - 1
+    else:
+        high_prefix, _, high_index = high.rpartition(".layers.")
+        if high_prefix != prefix or not high_index.isdigit():
+            return None
+        last = int(high_index)
+        if last < first:
+            raise UserError(f"layer {low!r} must run before layer {high!r} (l before h)")
+
+    def run(state: torch.Tensor, *_inputs, attention_mask=None, position_ids=None, **_kwargs):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config = stack.config
+        if position_ids is None:
+            position_ids = torch.arange(state.shape[1], device=state.device)[None]
+        masks = {}
+
+        def mask_of(kind: str):
+            if kind not in masks:
+                build = (create_sliding_window_causal_mask if kind == "sliding_attention"
+                         else create_causal_mask)
+                masks[kind] = build(config=config, inputs_embeds=state, attention_mask=attention_mask,
+                                    cache=None, position_ids=position_ids)
+            return masks[kind]
+
+        types = getattr(config, "layer_types", None)
+        sliding = getattr(config, "sliding_window", None) is not None and types is None and \
+            getattr(config, "use_sliding_window", True)
+        embeddings = stack.rotary_emb(state, position_ids=position_ids)
+        for index in range(first, last + 1):
+            kind = types[index] if types else ("sliding_attention" if sliding else "full_attention")
+            state = _first_tensor(stack.layers[index](state, attention_mask=mask_of(kind),
+                                                      position_embeddings=embeddings,
+                                                      position_ids=position_ids))
+        if high is None:
+            state = model.lm_head(stack.norm(state))
+        return state
+
+    return run
+
+
+def state_at(model: nn.Module, layer: str, *inputs, **kwargs) -> torch.Tensor:
+    """The output of ``layer`` in a forward pass of ``model`` on ``inputs``, the work after
+    it skipped (a 30-layer LLM's state at its 14th layer costs 14 layers, not 30 and its head)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def stop(_module, _inputs, output):
+        found["state"] = _first_tensor(output)
+        raise _ReachedEnd
+
+    handle = get_module(model, layer).register_forward_hook(stop)
+    try:
+        model(*inputs, **kwargs)
+    except _ReachedEnd:
+        return found["state"]
+    finally:
+        handle.remove()
+    raise UserError(f"layer {layer!r} is not called in the forward pass of {type(model).__name__}")
 
 
 def check_order(model: nn.Module, low: str, high: str, *inputs, **kwargs) -> None:
@@ -190,12 +274,17 @@ def run_between(
     get_module(model, low)
     if high is not None:
         get_module(model, high)
+    if fast and high is None and (decoder := _decoder_stack(model, low, None)) is not None:
+        return decoder(state, *inputs, **kwargs)
     if fast and high is not None:
         path = _sequential_path(model, low, high)
         if path is not None:
             for module in path:
                 state = module(state)
             return state
+        decoder = _decoder_stack(model, low, high)
+        if decoder is not None:
+            return decoder(state, *inputs, **kwargs)
         own = getattr(model, "run_between", None)
         if callable(own):
             result = own(low, high, state, *inputs, **kwargs)

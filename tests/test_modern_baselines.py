@@ -319,8 +319,13 @@ def test_outputs_and_supports():
     for name in CLASSIFICATION_ONLY:
         assert METHODS[name].outputs == ("classification",)
         assert supports(METHODS[name], "classification") and not supports(METHODS[name], "regression")
-    for name in set(METHODS) - CLASSIFICATION_ONLY:
+    assert METHODS["gkd"].outputs == ("causal-lm",)  # a divergence between next-token distributions
+    for name in set(METHODS) - CLASSIFICATION_ONLY - {"gkd"}:
         assert supports(METHODS[name], "regression") and supports(METHODS[name], "classification")
+    # per token on a causal LM: the paper's methods and the KD controls; not the relational ones
+    # (one vector per example) nor the class-distribution ones
+    lm = {name for name in METHODS if supports(METHODS[name], "causal-lm")}
+    assert lm == {"scratch", "logit-kd", "gkd", "feature-kd", "fitnet", "hybrid", "td", "kd-modules"}
 
 
 @pytest.mark.parametrize("name", sorted(CLASSIFICATION_ONLY))

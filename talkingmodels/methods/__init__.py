@@ -6,6 +6,7 @@ from talkingmodels.methods import (  # noqa: F401
     dkd,
     feature_kd,
     fitnet,
+    gkd,
     hybrid,
     kd_modules,
     logit_kd,

@@ -20,7 +20,7 @@ from talkingmodels import taps
 from talkingmodels.data import Batch, teacher_cached
 from talkingmodels.engine import Stage, Supervised
 from talkingmodels.errors import UserError
-from talkingmodels.states import ModelPair, OutputKind, feature_dim, pooled, token_mask
+from talkingmodels.states import ModelPair, OutputKind, feature_dim, pooled, token_mask, vocabulary
 
 __all__ = ["Distiller", "MethodConfig", "ModelPair", "Stage", "not_applicable", "supports"]
 
@@ -64,6 +64,12 @@ class Distiller(Supervised):
     needs_layers: ClassVar[bool] = False
 
     @classmethod
+    def reads_teacher_output(cls, config: MethodConfig) -> bool:
+        """Whether this configuration matches the teacher's output distribution (its logits):
+        then the two models' vocabularies, or classes, must be the same."""
+        return False
+
+    @classmethod
     def same_as(cls, config: MethodConfig, classes: int | None) -> str | None:
         """Where this configuration provably computes the same loss as another method on a
         task of ``classes`` classes: the reason (e.g. "identical to logit-kd ..."), else None."""
@@ -83,6 +89,12 @@ class Distiller(Supervised):
                                     f"two module names (l, h) of the {side} (its first: {names})")
                 for layer in layers:
                     taps.get_module(model, layer)
+        sizes = vocabulary(pair.student), vocabulary(pair.teacher)
+        if self.reads_teacher_output(config) and None not in sizes and sizes[0] != sizes[1]:
+            raise UserError(f"method {name!r} matches the teacher's output distribution, but the "
+                            f"student's vocabulary has {sizes[0]} tokens and the teacher's {sizes[1]}; "
+                            "use models of one tokenizer, or a method on hidden states only "
+                            "(feature-kd, td with weight 0)")
         super().__init__(pair.student, pair.task_loss)
         self.pair = pair
         self.config = config

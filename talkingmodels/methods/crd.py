@@ -79,6 +79,7 @@ class CRD(LogitKD):
     """Contrastive Representation Distillation (Tian et al. 2020): NCE against a memory bank."""
 
     Config = CRDConfig
+    outputs = ("regression", "classification")  # (a bank of one vector per example)
 
     needs_layers = True
 
@@ -136,7 +137,7 @@ class CRD(LogitKD):
         prediction, student, teacher_h, teacher = self.pooled_states(batch)
         terms = {"task": self.pair.task_loss(prediction, batch.target)}
         if cfg.weight > 0:
-            terms["kd"] = self.logit_term(prediction, teacher["output"])
+            terms["kd"] = self.logit_term(prediction, teacher["output"], batch.target)
         v_s = F.normalize(self.embed_student(student), dim=1)
         v_t = F.normalize(self.embed_teacher(teacher_h), dim=1)
         index = batch.index  # on the CPU, like the generator

@@ -11,7 +11,7 @@ from talkingmodels.channel import ChannelKind, Encoder, to_grid
 from talkingmodels.data import Batch
 from talkingmodels.methods.base import Distiller, MethodConfig
 from talkingmodels.methods.registry import register
-from talkingmodels.states import token_mask
+from talkingmodels.states import OUTPUT_KINDS, token_mask
 
 
 class FeatureKDConfig(MethodConfig):
@@ -58,6 +58,7 @@ class FeatureKD(FeatureMatching, Distiller):
     """Task loss + MSE between the regressed student state and the teacher state at h."""
 
     Config = FeatureKDConfig
+    outputs = OUTPUT_KINDS
 
     def forward_train(self, batch: Batch):
         prediction, feature, _ = self.feature_forward(batch)

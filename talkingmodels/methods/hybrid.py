@@ -22,6 +22,6 @@ class Hybrid(FeatureMatching, LogitKD):
         prediction, feature, teacher = self.feature_forward(batch)
         return prediction, {
             "task": self.pair.task_loss(prediction, batch.target),
-            "kd": self.logit_term(prediction, teacher["output"]),
+            "kd": self.logit_term(prediction, teacher["output"], batch.target),
             "feature": feature,
         }

@@ -36,7 +36,7 @@ class KDModules(Consistency, Hybrid):
         s_name, t_name = self.layer_names()
         mask = token_mask(batch, states[s_high])  # real tokens (None: not sentences)
         terms = {"task": self.pair.task_loss(prediction, batch.target),
-                 "kd": self.logit_term(prediction, teacher["output"]),
+                 "kd": self.logit_term(prediction, teacher["output"], batch.target),
                  "feature": self.feature_term(states[s_name], teacher[t_name], mask)}
         terms.update(self.consistency_terms(states[s_low], states[s_high],
                                             teacher[t_low], teacher[t_high], mask))

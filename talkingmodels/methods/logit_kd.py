@@ -10,12 +10,17 @@ from talkingmodels import losses
 from talkingmodels.data import Batch
 from talkingmodels.methods.base import Distiller, MethodConfig, OutputKind
 from talkingmodels.methods.registry import register
+from talkingmodels.states import OUTPUT_KINDS
 
 
-def output_kd(student: torch.Tensor, teacher: torch.Tensor, output: OutputKind,
-              temperature: float) -> torch.Tensor:
-    """KL at temperature ``temperature`` for class logits; MSE to the teacher's prediction
-    for regression (a rating has no distribution to soften)."""
+def output_kd(student: torch.Tensor, teacher: torch.Tensor | losses.TopK, output: OutputKind,
+              temperature: float, target: torch.Tensor | None = None) -> torch.Tensor:
+    """KL at temperature ``temperature`` for class logits; for a causal LM the same per
+    token, over the tokens with a real next-token ``target`` (labels, -100 ignored; the
+    teacher's logits full or its top-k); MSE to the teacher's prediction for regression (a
+    rating has no distribution to soften)."""
+    if output == "causal-lm":
+        return losses.token_kd_kl(student, teacher, target, temperature)
     if output == "classification":
         return losses.kd_kl(student, teacher, temperature)
     return losses.mse(student, teacher)
@@ -31,13 +36,19 @@ class LogitKD(Distiller):
     """Task loss + w0 * KD towards the teacher's output (Hinton et al. 2015)."""
 
     Config = LogitKDConfig
+    outputs = OUTPUT_KINDS
 
-    def logit_term(self, prediction: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
-        """w0 * KD of the student's prediction towards the teacher's output."""
+    @classmethod
+    def reads_teacher_output(cls, config: LogitKDConfig) -> bool:
+        return config.weight > 0
+
+    def logit_term(self, prediction: torch.Tensor, teacher_output, target: torch.Tensor) -> torch.Tensor:
+        """w0 * KD of the student's prediction towards the teacher's output (``target``:
+        the batch's targets, whose -100 labels a causal LM's KD skips)."""
         return losses.scaled(output_kd(prediction, teacher_output, self.pair.output,
-                                       self.config.temperature), self.config.weight)
+                                       self.config.temperature, target), self.config.weight)
 
     def forward_train(self, batch: Batch):
         prediction, terms = super().forward_train(batch)
-        terms["kd"] = self.logit_term(prediction, self.teacher_states(batch)["output"])
+        terms["kd"] = self.logit_term(prediction, self.teacher_states(batch)["output"], batch.target)
         return prediction, terms

@@ -150,6 +150,10 @@ class TalkingDistillation(Consistency, LogitKD):
 
     Config = TDConfig
 
+    @classmethod
+    def reads_teacher_output(cls, config: TDConfig) -> bool:
+        return config.weight > 0 or config.answer_kd > 0
+
     def build(self, batch: Batch) -> None:
         super().build(batch)
         if self.config.interpreter == "random":
@@ -237,7 +241,7 @@ class TalkingDistillation(Consistency, LogitKD):
 
         terms = {"task": self.pair.task_loss(prediction, batch.target)}
         if cfg.weight > 0:
-            terms["kd"] = self.logit_term(prediction, teacher["output"])
+            terms["kd"] = self.logit_term(prediction, teacher["output"], batch.target)
 
         if cfg.rounds > 0 and (not self.training or self._interacts_now()):
             terms.update(self.interaction_terms(prediction, s_l, s_h, teacher[t_low], batch))
@@ -291,7 +295,7 @@ class TalkingDistillation(Consistency, LogitKD):
             answer_output = self.teacher_between(t_high, None, t_high_answer, batch)
             if cfg.answer_kd > 0:
                 terms["answer_kd"] = cfg.answer_kd * output_kd(
-                    prediction, answer_output.detach(), self.pair.output, cfg.temperature)
+                    prediction, answer_output.detach(), self.pair.output, cfg.temperature, batch.target)
             if cfg.answer_fit > 0:
                 terms["answer_fit"] = cfg.answer_fit * self.pair.task_loss(
                     answer_output, batch.target)

@@ -100,6 +100,7 @@ class Supervised(nn.Module):
         self.task_loss = task_loss
         self.stage = Stage("main")  # the stage being trained (the engine sets it)
         self.built = False
+        self.output = None  # the task's output kind, where a method knows it (loss units)
 
     def setup(self, batch: Batch) -> None:
         """Build what depends on the data (a method's channel modules: their widths come from
@@ -489,12 +490,19 @@ class NumericalFault(Exception):
     """A loss term became NaN or infinite; the message names the term, epoch and step."""
 
 
-def train_step(step, batch: Batch, optimizer, acc=None) -> dict[str, torch.Tensor]:
+def train_step(step, batch: Batch, optimizer, acc=None, share: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """One optimisation step on ``batch``: the summed loss terms of ``step`` (a
     :class:`TrainStep`, DDP-wrapped or not) back-propagated, under the Accelerator's
-    autocast and gradient scaler when ``acc`` is given; the terms, detached."""
+    autocast and gradient scaler when ``acc`` is given; the terms, detached. ``share``: this
+    process's part of the global batch's loss units times the process count (DDP averages
+    the processes' gradients; weighed by it, they add up to the gradient of the mean over
+    the whole batch, as one process computes it, when the shards hold unequal numbers of
+    tokens); the terms come back weighed alike."""
     with acc.autocast() if acc is not None else contextlib.nullcontext():
         _, terms = step(batch)
+    if share is not None:
+        terms = {name: value * share for name, value in terms.items()}
     optimizer.zero_grad(set_to_none=True)
     loss = losses.total(terms.values())
     scaler = acc.scaler if acc is not None else None
@@ -506,6 +514,17 @@ def train_step(step, batch: Batch, optimizer, acc=None) -> dict[str, torch.Tenso
         scaler.step(optimizer)
         scaler.update()
     return {name: value.detach() for name, value in terms.items()}
+
+
+def _share(method, batch: Batch, shard: tuple[int, int]) -> torch.Tensor | None:
+    """This process's share of the global batch's loss units (tokens of a causal LM, else
+    examples) times the process count; None where it is exactly 1 (equal shards of examples:
+    nothing to reweigh, and no collective to wait on)."""
+    output = getattr(method, "output", None)
+    if output != "causal-lm":
+        return None  # (examples: the shards of a batch differ by one at most, in its last batch)
+    units = losses.loss_units(batch.target, output).float()
+    return units * shard[1] / distributed.all_reduce(units).clamp(min=1)
 
 
 def train_epoch(method, step, data, cfg: TrainConfig, optimizer, order: torch.Generator,
@@ -545,7 +564,8 @@ def train_epoch(method, step, data, cfg: TrainConfig, optimizer, order: torch.Ge
         batch = next(batches, None)
         if batch is None:
             break
-        terms = train_step(step, batch.to(device), optimizer, acc)
+        batch = batch.to(device)
+        terms = train_step(step, batch, optimizer, acc, None if ddp is None else _share(method, batch, shard))
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.float()
             seen = first_bad.get(name, torch.full((), -1, device=value.device))

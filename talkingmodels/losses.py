@@ -113,6 +113,15 @@ def target_tokens(labels: torch.Tensor) -> torch.Tensor:
     return next_token(labels) != IGNORE
 
 
+def loss_units(target: torch.Tensor, output: str | None) -> torch.Tensor:
+    """What a batch's loss is a mean over: its real target tokens for a causal LM, else its
+    examples (several processes weigh their shards of a batch by it, so that they train on
+    the mean over the whole batch)."""
+    if output == "causal-lm":
+        return target_tokens(target).sum()
+    return torch.tensor(len(target), device=target.device)
+
+
 def _per_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of per-token ``values`` over the real target tokens of ``mask`` (0 without any:
     a batch of padding alone contributes nothing, and its gradient stays finite)."""

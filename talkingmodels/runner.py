@@ -151,6 +151,7 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     if distributed.is_main():
         store.record_task(out, exp.task.name, exp.config.task_options, exp.settings,
                           [label for label, _, _ in exp.methods])
+        _teacher_samples(exp, prepared, out)
     bar = tqdm(total=len(grid), desc=f"{task.name}", unit="run",
                disable=not (progress and distributed.is_main()))
     try:
@@ -169,6 +170,16 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
         bar.close()
     distributed.barrier()
     return write_report(out) if distributed.is_main() else out / "report.md"
+
+
+def _teacher_samples(exp: Experiment, prepared: dict[str, Prepared], out: Path) -> None:
+    """The frozen teacher's completions of the task's prompts, once per setting in a store
+    (for a task that generates text)."""
+    have = store.read_samples(out)
+    for setting, prep in prepared.items():
+        key = {"task": exp.task.name, "setting": setting, "method": store.TEACHER, "seed": ""}
+        if tuple(key.values()) not in have and (samples := exp.task.samples(prep.teacher)):
+            store.append_samples(out, key, samples)
 
 
 def _serial(exp: Experiment, grid: list, prepared: dict[str, Prepared], out: Path,
@@ -315,7 +326,8 @@ def _run_one(exp: Experiment, prep: Prepared, label: str, cls: type, options, se
     # The weights are a file of their own (written atomically, before the run's row); the
     # rows go to the main process, which alone appends to the store's shared files.
     save_weights(method.student, out / "students" / f"{run_id}.safetensors")
-    return {**outcome, "curves": curves,
+    samples = task.samples(method.student)  # (a task that generates text: its prompts' completions)
+    return {**outcome, "curves": curves, **({"samples": samples} if samples else {}),
             "row": row("ok", value=f"{result.test:.6f}", val_value=f"{result.val:.6f}",
                        best_epoch=result.best_epoch, epochs=result.epochs,
                        seconds=f"{result.seconds:.2f}", peak_gib=f"{memory.peak:.3f}",
@@ -333,6 +345,8 @@ def _write(out: Path, outcome: dict) -> None:
         return
     if "curves" in outcome:
         store.append_curves(out, outcome["curves"])
+    if "samples" in outcome:
+        store.append_samples(out, outcome["key"], outcome["samples"])
     store.append_results(out, [outcome["row"]])
     if "curves" in outcome:
         (out / "checkpoints" / f"{outcome['run_id']}.pt").unlink(missing_ok=True)  # in the store now

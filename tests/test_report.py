@@ -372,3 +372,23 @@ def test_curves_without_a_result_row_are_left_out_of_the_plots(tmp_path):
     write_report(tmp_path)
     assert (tmp_path / "curves_movielens_dense.png").exists()
     assert not (tmp_path / "curves_movielens_sparse.png").exists()
+
+
+def test_completions_of_the_teacher_scratch_and_the_best_method_on_validation(tmp_path):
+    from talkingmodels import store
+
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0]) + rows("td", [0.9, 0.95])
+                           + rows("hybrid", [0.85, 0.8]))
+    results.loc[results.method == "hybrid", "val_value"] = 1.2  # best on test, worst on validation
+    results.to_csv(tmp_path / "results.csv", index=False)
+    key = {"task": "movielens", "setting": "dense"}
+    store.append_samples(tmp_path, {**key, "method": store.TEACHER, "seed": ""}, {"Hi": "there | you"})
+    for method in ("scratch", "td", "hybrid"):
+        for seed in (1, 0):
+            store.append_samples(tmp_path, {**key, "method": method, "seed": seed},
+                                 {"Hi": f"{method} {seed}"})
+    with open(tmp_path / store.SAMPLES, "a") as handle:
+        handle.write('{"task": "movielens", "setting"')  # a line cut short by a crash
+    text = write_report(tmp_path).read_text()
+    assert "| prompt | teacher (frozen) | scratch (seed 0) | best: td (seed 0) |" in text
+    assert "| Hi | there \\| you | scratch 0 | td 0 |" in text

@@ -96,6 +96,7 @@ class Distiller(Supervised):
                             "use models of one tokenizer, or a method on hidden states only "
                             "(feature-kd, td with weight 0)")
         super().__init__(pair.student, pair.task_loss)
+        self.output = pair.output
         self.pair = pair
         self.config = config
         self.teacher = pair.teacher

@@ -42,13 +42,14 @@ from talkingmodels.report.tables import (
     markdown_table,
     overview_table,
     paired_table,
+    samples_table,
     significance_line,
     tuning_table,
     undistillable_table,
     versus_table,
     weak_logits_table,
 )
-from talkingmodels.store import machines_text, read_curves, read_results
+from talkingmodels.store import machines_text, read_curves, read_results, read_samples
 
 __all__ = [
     "GAP_INTRO", "README_END", "README_START", "REFERENCE", "STUDY", "Study", "WEAK_LOGITS_INTRO",
@@ -69,6 +70,7 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
         report.write_text(f"# talkingmodels report: tuning runs\n\n{readme_block(out, study)}\n")
         return report
     summary = summarise(results, study)
+    samples = read_samples(out)
     lines = ["# talkingmodels report", "",
              f"Runs: {len(results)} (from `results.csv`). Gains are relative to `scratch` "
              "(positive = better); *beats scratch* counts the seeds on which the method's "
@@ -121,6 +123,8 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
             line = significance_line(without_variants(runs, study), group, study)
             lines += ["Paired by seed (same split and student initialisation per seed):", "",
                       paired, "", *([line, ""] if line else [])]
+        if completions := samples_table(samples, everything, task, setting):
+            lines += ["Three fixed prompts completed greedily (16 tokens):", "", completions, ""]
         if len(group) < len(everything):
             lines += [f"### Ablations of {study.name}, {task} / {setting}", "",
                       ablation_table(everything, runs, study), ""]

@@ -480,3 +480,34 @@ def compute_table(results: pd.DataFrame) -> str:
                      f"{_duration(runs.seconds.sum())} | "
                      f"{'-' if pd.isna(peak) else f'{peak:.2f} GiB'} |")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "(nothing)"
+
+
+def samples_table(samples: dict, group: pd.DataFrame, task: str, setting: str) -> str | None:
+    """A text-generating task's fixed prompts completed by the teacher, scratch and the best
+    other method (chosen by mean validation metric: no test number in view), each at the
+    lowest seed stored; None without samples. ``samples``: the store's ``read_samples``."""
+    mine = {(method, seed): texts for (t, s, method, seed), texts in samples.items()
+            if (t, s) == (task, setting)}
+    runs = group[~group.na & (group.method != "scratch")].dropna(subset=["val_mean"])
+    runs = runs[runs.method.isin({method for method, _ in mine})]
+    best = None
+    if not runs.empty:
+        best = runs.method[runs.val_mean.idxmax() if runs.higher.iloc[0] else runs.val_mean.idxmin()]
+    columns = []
+    for label, method in (("teacher (frozen)", "teacher (frozen)"), ("scratch", "scratch"),
+                          (f"best: {best}", best)):
+        seeds = sorted((seed for m, seed in mine if m == method), key=lambda s: int(s or -1))
+        if seeds:
+            columns.append((label + (f" (seed {seeds[0]})" if seeds[0] else ""), mine[(method, seeds[0])]))
+    if not columns:
+        return None
+    lines = ["| prompt | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for prompt in columns[0][1]:
+        cells = [prompt, *(texts.get(prompt, "") for _, texts in columns)]
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    return "\n".join(lines)

@@ -128,6 +128,11 @@ class Task:
     def prepare(self, setting: str) -> Prepared:
         raise NotImplementedError
 
+    def samples(self, model: nn.Module) -> dict[str, str] | None:
+        """What ``model`` (a trained student or the teacher) makes of the task's fixed
+        prompts, for the report (tasks that generate text); None: nothing to show."""
+        return None
+
     def cache_dir(self) -> Path:
         if self.config.cache_dir is not None:
             return Path(self.config.cache_dir)

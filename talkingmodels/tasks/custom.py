@@ -8,8 +8,9 @@ task_options:
   data: {function: "my_pkg.data:loaders", args: {batch_size: 32}}   # -> (train, val, test)
   student_layers: [mix1, mix2]
   teacher_layers: [layers.1, layers.3]
-  output: classification          # or regression
-  metric: accuracy                # or rmse, or an import path of a talkingmodels Metric
+  output: classification          # or regression, or causal-lm (next-token logits, labels)
+  metric: accuracy                # or rmse, perplexity, next_token_accuracy, or an import path
+                                  # of a talkingmodels Metric
 ```
 
 ``data`` is a function returning ``(train, val, test)``, each anything ``distill`` takes
@@ -23,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from talkingmodels import losses
@@ -54,9 +54,10 @@ class CustomConfig(TaskConfig):
     data: DataSpec
     student_layers: list[str] | None = Field(None, min_length=2, max_length=2)
     teacher_layers: list[str] | None = Field(None, min_length=2, max_length=2)
-    output: Literal["classification", "regression"] = "classification"
-    metric: str | None = Field(None, description="accuracy, rmse, or the import path of a "
-                               "talkingmodels.losses.Metric; default: accuracy / rmse by output")
+    output: Literal["classification", "regression", "causal-lm"] = "classification"
+    metric: str | None = Field(None, description="accuracy, rmse, perplexity, next_token_accuracy, "
+                               "or the import path of a talkingmodels.losses.Metric; default: "
+                               "accuracy / rmse / perplexity by output")
 
 
 def _hf_splits(folder: Path):
@@ -94,7 +95,7 @@ class Custom(Task):
 
     @staticmethod
     def _metric(config: CustomConfig) -> losses.Metric:
-        name = config.metric or ("accuracy" if config.output == "classification" else "rmse")
+        name = config.metric or losses.TASKS[config.output][1].name
         if name in losses.METRICS:
             return losses.METRICS[name]
         metric = import_object(name, "metric")
@@ -135,5 +136,5 @@ class Custom(Task):
         return Prepared(setting=setting, splits=splits, teacher=teacher, teacher_metric=teacher_metric,
                         build_student=lambda: cfg.student.build("student"),
                         student_layers=layers["student"], teacher_layers=layers["teacher"],
-                        task_loss=F.cross_entropy if cfg.output == "classification" else losses.mse,
+                        task_loss=losses.TASKS[cfg.output][0],
                         output=cfg.output)

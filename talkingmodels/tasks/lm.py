@@ -196,6 +196,7 @@ class LanguageModelling(Task):
     # TD's adds four teacher layers forward and backward; 300 texts are 19 steps an epoch.
     default_settings = ("tweets-300", "movies-300")
     ablation_settings = ("tweets-300",)
+    research_settings = ("tweets-300",)  # TD's premise: a 26x gap, a new domain, 300 texts
     default_methods = {"scratch": {}, "logit-kd": {}, "gkd": {"beta": 0.5}, "feature-kd": {},
                        "fitnet": {}, "hybrid": {}, "td": {}}
     # (evaluation in batches of 32 texts: a batch's logits are 32 x tokens x 49,152 floats)
@@ -259,6 +260,24 @@ class LanguageModelling(Task):
                 mask[i, : len(row)] = 1
             self._data[domain] = input_ids, mask, input_ids.masked_fill(mask == 0, losses.IGNORE), rows
         return self._data[domain]
+
+    @torch.no_grad()
+    def samples(self, model: nn.Module) -> dict[str, str]:
+        """The greedy completions (16 tokens) of the fixed ``PROMPTS`` by ``model``."""
+        tokenizer = self.teacher()[1]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            found = {}
+            for prompt in PROMPTS:
+                ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                found[prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        finally:
+            model.train(was_training)
+        return found
 
     def _cache_key(self, domain: str, size: int | None, layers: tuple[str, ...], length: int) -> str:
         cfg = self.config

@@ -14,9 +14,11 @@ thread count:
   as TRL trains), the teacher live on every batch (no cache: TRL runs its teacher every step),
   stepped by the engine's ``train_step`` with ``make_optimizer`` (Adam, constant ``lr``).
 - **Peer**: ``trl.experimental.gkd.GKDTrainer`` with ``GKDConfig(lmbda=0.0, beta, seq_kd=False,
-  use_cpu=True, report_to=[], optim="adamw_torch", weight_decay=0.0, lr_scheduler_type=
+  use_cpu=True, bf16=False, report_to=[], optim="adamw_torch", weight_decay=0.0, lr_scheduler_type=
   "constant", train_sampling_strategy="sequential")`` (AdamW without weight decay is Adam),
-  ``trainer.train()`` for the same steps. Its data are the same texts, each its real tokens
+  ``trainer.train()`` for the same steps. (TRL's trainer configs default to ``bf16=True``, bf16
+  autocast even on a CPU: without ``bf16=False`` its first loss differs from ours by 3e-4, its
+  logits being bf16 products.) Its data are the same texts, each its real tokens
   only, batched by a collator that right-pads them as our split batches them (padding past a
   batch's longest text dropped, labels -100 there).
 
@@ -136,7 +138,7 @@ def run_peer(args) -> dict:
             ends.append(time.perf_counter())
 
     config = GKDConfig(output_dir=str(Path(args.work) / "trl"), lmbda=0.0, beta=args.beta, seq_kd=False,
-                       use_cpu=True, report_to=[], optim="adamw_torch", weight_decay=0.0,
+                       use_cpu=True, bf16=False, report_to=[], optim="adamw_torch", weight_decay=0.0,
                        lr_scheduler_type="constant", learning_rate=args.lr, max_steps=len(data),
                        per_device_train_batch_size=args.batch_size, train_sampling_strategy="sequential",
                        save_strategy="no", logging_steps=10**6, dataloader_num_workers=0,

@@ -101,7 +101,9 @@ def residual_table(timed: dict, count: int, calls: int = 20) -> str:
         per_step[label] = {e.key: (e.self_cpu_time_total / calls, e.count / calls)
                            for e in prof.key_averages()}
     left = {}
-    for op in set().union(*per_step.values()):
+    # aten operators only: the profiler's other keys (autograd nodes, record_function ranges)
+    # contain aten operators' time again, and timing noise could rank them first.
+    for op in {op for ops in per_step.values() for op in ops if op.startswith("aten::")}:
         td_time, td_calls = per_step["td"].get(op, (0, 0))
         left[op] = (td_time - sum(per_step[p].get(op, (0, 0))[0] for p in parts[1:]),
                     td_calls - sum(per_step[p].get(op, (0, 0))[1] for p in parts[1:]), td_time)

@@ -114,3 +114,29 @@ def test_update_readme_regenerates_only_its_block(tmp_path, monkeypatch):
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith(f"{end}\nafter\n") and "stale" not in text
     assert readme_block("results/movielens") in text
+
+
+RESULTS_TOTAL = 10 * 10**6  # bytes: what every clone carries of results/
+WEIGHTS_LIMIT = 10**6  # bytes: a committed weights file must be small enough to carry
+
+
+def tracked_results() -> dict[str, int]:
+    """Tracked files under results/ (git's index) and their sizes on disk."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = subprocess.run(["git", "ls-files", "-z", "results"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    return {name: (ROOT / name).stat().st_size for name in names if name and (ROOT / name).is_file()}
+
+
+def test_results_stay_small():
+    """results/ holds tables, curves and plots; student weights are rebuilt by the store's
+    command (docs/cli.md), not committed, except files under 1 MB."""
+    sizes = tracked_results()
+    heavy = {name: size for name, size in sizes.items() if name.endswith((".safetensors", ".pt", ".onnx"))
+             and size > WEIGHTS_LIMIT}
+    assert not heavy, f"weights over {WEIGHTS_LIMIT} bytes tracked under results/: {sorted(heavy)[:5]}"
+    assert sum(sizes.values()) <= RESULTS_TOTAL, f"results/ tracks {sum(sizes.values())} bytes"

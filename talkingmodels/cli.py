@@ -6,6 +6,7 @@ A user's mistake prints one line (``error: ...``) and exits with code 2, no trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from itertools import product
@@ -46,9 +47,9 @@ def cmd_run(args) -> None:
     start = time.perf_counter()
     exp = load_config(args.config, train=_train_options(args))
     out = args.out or exp.config.out or Path("runs") / Path(args.config).stem
-    with PeakMemory() as memory:
+    with _one_writer(Path(out)), PeakMemory() as memory:
         report = run_experiment(exp, Path(out), **_store_options(args))
-    _finish(report, start, memory.peak)
+    _finish(report, start, memory.peak, args.quiet)
 
 
 def cmd_bench(args) -> None:
@@ -93,7 +94,7 @@ def cmd_bench(args) -> None:
     start = time.perf_counter()
     out = Path(args.out or "-".join([f"runs/{args.task}", *(name for name in chosen if name != "core")]))
     store = _store_options(args)
-    with PeakMemory() as memory:
+    with _one_writer(out), PeakMemory() as memory:
         for index, (exp, suite) in enumerate(zip(experiments, pieces, strict=True)):
             begin = time.perf_counter()
             with PeakMemory() as piece:
@@ -102,7 +103,15 @@ def cmd_bench(args) -> None:
             if len(experiments) > 1 and distributed.is_main():
                 print(f"{exp.task.name} ({suite}): {time.perf_counter() - begin:.0f} s, "
                       f"peak memory {piece.peak:.2f} GiB")
-    _finish(report, start, memory.peak)
+    _finish(report, start, memory.peak, args.quiet)
+
+
+def _one_writer(out: Path):
+    """The store's lock, held by the main process (a launch's other processes and the
+    --jobs workers write under it)."""
+    from talkingmodels import distributed, store
+
+    return store.writer_lock(out) if distributed.is_main() else contextlib.nullcontext()
 
 
 def _train_options(args) -> dict:
@@ -119,18 +128,32 @@ def _store_options(args) -> dict:
             "jobs": jobs, "threads": args.threads}
 
 
-def _finish(report: Path, start: float, peak: float) -> None:
+def _finish(report: Path, start: float, peak: float, quiet: bool) -> None:
     from talkingmodels import distributed
 
     if distributed.is_main():
+        if not quiet and (table := _headline(report.parent)):
+            print(table, end="\n\n")
         print(f"wrote {report} (and results.csv, plots) in {time.perf_counter() - start:.0f} s, "
               f"peak memory {peak:.2f} GiB")
 
 
+def _headline(out: Path) -> str:
+    """The store's headline tables (report.md's first ones), or nothing where it has none."""
+    from talkingmodels import store
+    from talkingmodels.report.headline import headline
+
+    return headline(out) if (out / store.RESULTS).is_file() else ""
+
+
 def cmd_report(args) -> None:
+    from talkingmodels import store
     from talkingmodels.report import Study, write_report
 
-    print(f"wrote {write_report(Path(args.dir), Study(focus=args.focus, reference=args.reference))}")
+    if not (Path(args.dir) / store.RESULTS).is_file():  # (before the lock: it would create the folder)
+        raise UserError(f"no results.csv in {args.dir}; run an experiment first")
+    with store.writer_lock(Path(args.dir)):
+        print(f"wrote {write_report(Path(args.dir), Study(focus=args.focus, reference=args.reference))}")
     if args.readme:
         from talkingmodels.report import update_readme
 
@@ -175,6 +198,8 @@ def _add_store_arguments(parser: Parser) -> None:
                         help="torch threads per run (default: all cores, shared out among the jobs)")
     parser.add_argument("--tensorboard", type=Path, metavar="DIR",
                         help="write TensorBoard logs of every loss term and metric to DIR")
+    parser.add_argument("--quiet", action="store_true",
+                        help="end with one line (the report's path) instead of the headline tables")
 
 
 def build_parser() -> Parser:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from talkingmodels.errors import UserError
+from talkingmodels.store import check_rows
 
 FORMATS = ("safetensors", "onnx")
 
@@ -108,6 +109,7 @@ def export_run(store: Path, run_id: str, fmt: str, out: Path) -> Path:
     """Write the stored student of ``run_id`` to ``out`` as ``fmt`` (safetensors or onnx)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    check_rows(Path(store))  # (a store written twice: which copy's student is this?)
     student, batch, sequence = stored_student(Path(store), run_id)
     if fmt == "safetensors":
         return save_weights(student, Path(out))

@@ -77,16 +77,9 @@ def _prepare(exp: Experiment, setting: str) -> Prepared:
 
 def _check_output(out: Path) -> None:
     """The output folder exists (or can be made) and is a writable directory."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output directory {out} is a file, not a directory")
-    try:
-        if distributed.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {out}: {exc.strerror}") from None
+    if distributed.is_main():
+        store.make_folder(out)
     distributed.barrier()
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {out} is not writable")
 
 
 def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bool = True,
@@ -144,7 +137,7 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
                 if not_applicable(cls, options, prepared[setting].output, _classes(exp)) is None:
                     build_method(prepared[setting], cls, options, seed=0)  # (else n/a)
     if force and distributed.is_main():  # only now: a config mistake must not cost old results
-        for path in (results, out / store.CURVES, *out.glob("students/*.safetensors"),
+        for path in (results, *store.curve_files(out), *out.glob("students/*.safetensors"),
                      *out.glob("checkpoints/*.pt")):
             path.unlink(missing_ok=True)
     distributed.barrier()
@@ -157,6 +150,8 @@ def run_experiment(exp: Experiment, out: Path, force: bool = False, progress: bo
     try:
         if min(jobs, len(grid)) > 1:
             prepared.clear()  # (the workers prepare their own)
+            exp.task.release()  # (and load their own teacher: this one would be a third copy)
+            release_memory()
             outcomes = _in_workers(exp, grid, out, tensorboard, min(jobs, len(grid)), threads)
         else:
             outcomes = _serial(exp, grid, prepared, out, tensorboard, bar)

@@ -2,7 +2,8 @@
 
 * ``results.csv``: one row per finished run (``RESULT_COLUMNS``), appended in one ``write``
   each, so a grid that stops at any point keeps every finished run whole;
-* ``curves.csv.gz``: every run's per-epoch losses and validation metric (``CURVE_COLUMNS``),
+* ``curves/TASK__SETTING.csv.gz``: every run's per-epoch losses and validation metric
+  (``CURVE_COLUMNS``), one file a setting (older stores: one ``curves.csv.gz``, still read),
   one gzip member appended per run before its results row (a run redone after a crash in
   between appends its curves again: the reader keeps the last copy);
 * ``samples.jsonl``: for tasks that generate text (``Task.samples``), one line per run (and per
@@ -19,6 +20,7 @@ classification task, so the report needs nothing but the store.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -26,6 +28,8 @@ import json
 import os
 import platform
 import re
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -39,13 +43,53 @@ RESULT_COLUMNS = ["task", "setting", "method", "seed", "metric", "value", "val_v
                   "higher_is_better",
                   "class_names"]
 CURVE_COLUMNS = ["task", "setting", "method", "seed", "epoch", "stage", "name", "value"]
-RESULTS, CURVES, TASKS, SAMPLES = "results.csv", "curves.csv.gz", "tasks.json", "samples.jsonl"
+RESULTS, CURVES, TASKS, SAMPLES = "results.csv", "curves", "tasks.json", "samples.jsonl"
+OLD_CURVES = "curves.csv.gz"  # (one curves file for the whole store, before curves/; still read)
+LOCK = ".lock"  # the one writer's lock (see writer_lock)
 TEACHER = "teacher (frozen)"  # the method label of the teacher's samples
+
+
+def make_folder(out: Path) -> None:
+    """The output folder exists (made if need be) and is a writable directory."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {out} is not writable")
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path):
+    """Hold the store's one-writer lock while the block runs: an exclusive ``flock`` on
+    ``OUT/.lock``, which holds the holder's process id. The kernel lets go of the lock when
+    its process ends, even by SIGKILL, so no stale lock is ever left. A second process gets a
+    ``UserError`` naming the folder and the holder, having written nothing (the folder and
+    the lock file already exist)."""
+    import fcntl
+
+    out = Path(out)
+    make_folder(out)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{out} is being written by another talkingmodels process (pid "
+                            f"{holder}); wait for it to finish or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # (closing the file lets go of the lock)
 
 
 def run_id_of(setting: str, label: str, seed) -> str:
     """A run's name in the store's files: ``SETTING__LABEL__SEED``, as a safe file name."""
-    return re.sub(r"[^\w.=+-]", "_", f"{setting}__{label}__{seed}")
+    return _name(setting, label, str(seed))
 
 
 def result_row(key: dict, metric, teacher_value: float, method_name: str, status: str = "ok",
@@ -89,11 +133,23 @@ def append_results(out: Path, rows: list[dict]) -> None:
     _append_bytes(path, csv_text(RESULT_COLUMNS, rows, header=not path.exists()).encode())
 
 
+def _name(*parts: str) -> str:
+    return re.sub(r"[^\w.=+-]", "_", "__".join(parts))
+
+
 def append_curves(out: Path, rows: list[dict]) -> None:
-    """A run's curve rows as one gzip member (concatenated members read as one file)."""
-    path = Path(out) / CURVES
+    """A run's curve rows as one gzip member of its setting's file (concatenated members
+    read as one file); a file a setting keeps each of a large store's files small."""
+    if not rows:
+        return
+    path = Path(out) / CURVES / f"{_name(str(rows[0]['task']), str(rows[0]['setting']))}.csv.gz"
     text = csv_text(CURVE_COLUMNS, rows, header=not path.exists())
     _append_bytes(path, gzip.compress(text.encode(), mtime=0))
+
+
+def curve_files(out: Path) -> list[Path]:
+    out = Path(out)
+    return [p for p in [out / OLD_CURVES] if p.is_file()] + sorted((out / CURVES).glob("*.csv.gz"))
 
 
 def append_samples(out: Path, key: dict, samples: dict[str, str]) -> None:
@@ -117,14 +173,37 @@ def read_samples(out: Path) -> dict[tuple[str, str, str, str], dict[str, str]]:
     return found
 
 
-def done_runs(out: Path) -> set[tuple[str, str, str, str]]:
-    """(task, setting, method, seed) of every run the store holds a whole row of."""
+KEY = ["task", "setting", "method", "seed"]  # a run's identity: one row each
+
+
+def check_rows(out: Path) -> list[tuple[str, ...]]:
+    """The runs (``KEY``) of a store's results.csv, in its order, once it is known whole and
+    with one row a run: a row cut short (a crash while it was appended, a full disk) or a run
+    written twice (two processes on one store before the lock) is a ``UserError`` naming
+    the rows and the repair, before anything reads or appends to the file."""
     path = Path(out) / RESULTS
-    if not path.exists():
-        return set()
-    with open(path, newline="") as handle:
-        return {(r["task"], r["setting"], r["method"], r["seed"]) for r in csv.DictReader(handle)
-                if None not in r.values()}  # a row cut short by a crash does not count
+    if not path.is_file():
+        return []
+    check_layout(out)
+    data = path.read_bytes()
+    rows = list(csv.reader(io.StringIO(data.decode(errors="replace"), newline="")))[1:]
+    if (data and not data.endswith(b"\n")) or any(len(r) != len(RESULT_COLUMNS) for r in rows):
+        line = 2 + next((i for i, r in enumerate(rows) if len(r) != len(RESULT_COLUMNS)), len(rows) - 1)
+        raise UserError(f"{path} has a row cut short at line {line} (a crash or a full disk while "
+                        "it was written); delete that line and run the grid again with --resume "
+                        "to redo the run")
+    keys = [tuple(r[RESULT_COLUMNS.index(c)] for c in KEY) for r in rows]
+    if twice := [k for k, n in Counter(keys).items() if n > 1]:
+        named = ", ".join("/".join(k) for k in twice[:3]) + (f" and {len(twice) - 3} more" * (len(twice) > 3))
+        raise UserError(f"{path} holds {len(twice)} run(s) more than once ({named}; task/setting/"
+                        "method/seed): two processes wrote this store; delete every row of those "
+                        "runs and run the grid again with --resume to redo each once")
+    return keys
+
+
+def done_runs(out: Path) -> set[tuple[str, str, str, str]]:
+    """(task, setting, method, seed) of every run the store holds a row of."""
+    return set(check_rows(out))
 
 
 def check_layout(out: Path) -> None:
@@ -190,7 +269,7 @@ def read_results(out: Path) -> pd.DataFrame:
     path = Path(out) / RESULTS
     if not path.is_file():
         raise UserError(f"no results.csv in {out}; run an experiment first")
-    check_layout(out)
+    check_rows(out)
     results = pd.read_csv(path)
     order = read_tasks(out)
 
@@ -209,9 +288,17 @@ def read_results(out: Path) -> pd.DataFrame:
 
 def read_curves(out: Path) -> pd.DataFrame | None:
     """Every run's curves (the last copy of a run whose curves were appended twice)."""
-    path = Path(out) / CURVES
-    if not path.is_file():
+    parts = []
+    for path in curve_files(out):
+        try:
+            parts.append(pd.read_csv(path, compression="gzip"))
+        except (EOFError, OSError, zlib.error, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise UserError(f"{path} is cut short or damaged ({exc}; a crash or a full disk while "
+                            "a run's curves were appended): move it away to report without that "
+                            "setting's curves (their plots), or run the setting again into a new "
+                            "folder") from None
+    if not parts:
         return None
-    curves = pd.read_csv(path, compression="gzip")
+    curves = pd.concat(parts, ignore_index=True)
     identity = ["task", "setting", "method", "seed", "epoch", "stage", "name"]
     return curves.drop_duplicates(identity, keep="last").reset_index(drop=True)

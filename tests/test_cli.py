@@ -320,18 +320,26 @@ def test_tensorboard_logs_every_loss_term_per_step_and_epoch(config, tmp_path, c
     assert steps == list(range(1, len(steps) + 1)) and len(steps) % len(epochs) == 0
 
 
-def test_jobs_write_the_store_a_serial_run_writes(config, tmp_path, capsys):
+def test_jobs_write_the_store_a_serial_run_writes(config, tmp_path, capsys, monkeypatch):
     """Independent runs in worker processes: the same rows (values, epochs, CKA), curves and
-    students as one process with the same threads per run, in the grid's order."""
+    students as one process with the same threads per run, in the grid's order. The main
+    process lets go of its task's models and data before the workers load their own."""
     from safetensors.torch import load_file
 
     from talkingmodels.store import read_curves
+    from talkingmodels.tasks.base import Task
+
+    released = []
+    release = Task.release
+    monkeypatch.setattr(Task, "release", lambda self: (released.append(self.name), release(self)))
 
     config.update(seeds=2, methods=[{"name": "scratch"}, {"name": "td"}, {"name": "fitnet"}])
     path = write(tmp_path / "c.yaml", config)
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     assert call(capsys, "run", path, "--out", serial, "--threads", "1")[0] == 0
+    assert not released  # (a serial run trains on what it prepared)
     assert call(capsys, "run", path, "--out", parallel, "--jobs", "2", "--threads", "1")[0] == 0
+    assert released == [config["task"]]
     volatile = {"seconds", "peak_gib"}
     rows = [[{k: v for k, v in r.items() if k not in volatile} for r in read_rows(out / "results.csv")]
             for out in (serial, parallel)]
@@ -390,3 +398,89 @@ def test_a_serial_run_lets_each_setting_go_after_its_runs(config, tmp_path, caps
     config.update(settings=["dense", "sparse"], methods=[{"name": "scratch"}], train={"epochs": 1})
     assert call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", tmp_path / "out")[0] == 0
     assert alive == [("dense", []), ("sparse", [])]
+
+
+# ------------------------------------------------------------------------------ one writer
+def _start_writer(command: list[str], out: Path) -> subprocess.Popen:
+    """A real ``talkingmodels`` process, returned once it holds the store's lock."""
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock, deadline = out / ".lock", time.monotonic() + 300
+    while not (lock.is_file() and lock.read_text().strip() == str(process.pid)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the writer never took the lock"
+        time.sleep(0.05)
+    return process
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_second_writer_of_a_store_is_refused_and_writes_nothing(config, tmp_path):
+    """Two real processes on one folder: the second is refused with one line naming the
+    folder and the holder's pid, exit 2, while the first is held still (SIGSTOP) with the
+    lock; the store ends with the rows of one grid."""
+    import signal
+
+    config.update(seeds=2)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "talkingmodels.cli", "run", str(write(tmp_path / "c.yaml", config)),
+               "--out", str(out), "--threads", "1"]
+    first = _start_writer(command, out)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        before = _files(out)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert_one_error_line(second.stderr, str(out), f"pid {first.pid}")
+        assert _files(out) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=600) == 0, first.communicate()
+    keys = [(r["setting"], r["method"], r["seed"]) for r in read_rows(out / "results.csv")]
+    assert sorted(keys) == sorted({(s, m, str(seed)) for s in config["settings"]
+                                   for m in ("scratch", "td") for seed in range(2)})
+
+
+def test_a_killed_writer_leaves_no_stale_lock(config, tmp_path, capsys):
+    """SIGKILL mid-grid: the folder is writable again at once, and --resume finishes it."""
+    out = tmp_path / "out"
+    path = write(tmp_path / "c.yaml", config)
+    first = _start_writer([sys.executable, "-m", "talkingmodels.cli", "run", str(path), "--out", str(out),
+                           "--threads", "1"], out)
+    first.kill()
+    first.wait()
+    assert call(capsys, "run", path, "--out", out, "--resume", "--threads", "1")[0] == 0
+    assert len(read_rows(out / "results.csv")) == 2
+
+
+def test_report_is_refused_while_a_writer_holds_the_store(config, tmp_path, capsys):
+    from talkingmodels import store
+
+    out = tmp_path / "out"
+    assert call(capsys, "run", write(tmp_path / "c.yaml", config), "--out", out, "--threads", "1")[0] == 0
+    before = _files(out)
+    with store.writer_lock(out):  # (a second open file's flock conflicts, in one process too)
+        code, _, err = call(capsys, "report", out)
+    assert code == 2
+    assert_one_error_line(err, str(out), f"pid {os.getpid()}")
+    assert _files(out) == before
+    assert call(capsys, "report", out)[0] == 0
+
+
+def test_run_ends_with_the_headline_tables_and_quiet_with_one_line(config, tmp_path, capsys):
+    from talkingmodels.report.headline import headline
+
+    path, out = write(tmp_path / "c.yaml", config), tmp_path / "out"
+    code, stdout, _ = call(capsys, "run", path, "--out", out, "--threads", "1")
+    assert code == 0
+    table = headline(out)
+    assert table.startswith("movielens / dense (lower is better)\n  method ")
+    assert "vs scratch" in table and "paired t, Holm (5%)" in table
+    assert {line.split()[0] for line in table.splitlines()[2:]} == {"scratch", "td", "teacher"}
+    assert table in stdout and stdout.index(table) < stdout.index(f"wrote {out / 'report.md'}")
+    assert stdout.rstrip().splitlines()[-1].startswith(f"wrote {out / 'report.md'} ")
+    code, stdout, _ = call(capsys, "run", path, "--out", out, "--threads", "1", "--quiet")
+    assert code == 0 and len(stdout.strip().splitlines()) == 1 and stdout.startswith("wrote ")

@@ -67,11 +67,10 @@ def test_two_processes_match_one_and_only_the_main_process_writes(grid, tmp_path
 
 
 def curves(out: Path) -> dict:
-    import gzip
+    from talkingmodels.store import read_curves
 
-    with gzip.open(out / "curves.csv.gz", "rt", newline="") as handle:
-        return {(r["method"], r["seed"], r["epoch"], r["name"]): float(r["value"])
-                for r in csv.DictReader(handle)}
+    return {(r.method, str(r.seed), str(r.epoch), r.name): float(r.value)
+            for r in read_curves(out).itertuples()}
 
 
 def test_a_causal_lm_on_two_processes_gives_the_losses_of_one(tmp_path):

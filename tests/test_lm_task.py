@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,60 @@ def test_a_student_initialised_from_the_teacher_keeps_every_kth_layer(tmp_path, 
                            weights[f"model.layers.{old}.mlp.up_proj.weight"])
     assert torch.equal(student.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
     assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
+def mapped_files() -> dict[str, list[tuple[int, int]]]:
+    """The address ranges of each file mapped into this process (Linux's /proc/self/maps)."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.setdefault(fields[5], []).append((low, high))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_the_unpacked_teacher_is_the_gguf_one_read_from_memory_mapped_pages(tmp_path, teacher):
+    """The de-quantised weights written once and read back: the same parameters, logits and
+    tokenizer as the GGUF load, and parameters that are the file's mapped pages (which the
+    processes of a --jobs grid share), not a copy."""
+    model, tokenizer = teacher
+    lm.write_unpacked(model, tokenizer, tmp_path / "unpacked")
+    again, tokens = lm.read_unpacked(tmp_path / "unpacked")
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert again.lm_head.weight is again.model.embed_tokens.weight and not again.training
+    assert all(not p.requires_grad for p in again.parameters())
+    text = ["The worst thing about it 😀 was the end.", "Fine"]
+    assert tokens(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokens.chat_template == tokenizer.chat_template
+    assert (tokens.eos_token_id, tokens.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batch = tokenizer(text, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, model(**batch).logits)
+    weights = str((tmp_path / "unpacked" / lm.WEIGHTS).resolve())
+    mapped = mapped_files().get(weights, [])
+    for name, parameter in again.named_parameters():
+        assert any(low <= parameter.data_ptr() < high for low, high in mapped), name
+
+
+def test_the_task_de_quantises_the_teacher_once_per_cache(tmp_path, teacher, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(lm, "_from_gguf", lambda path, dtype: (calls.append(dtype), teacher)[1])
+    one = lm.LanguageModelling(lm.LMConfig(**SMALL, cache_dir=tmp_path)).teacher()
+    two = lm.LanguageModelling(lm.LMConfig(**SMALL, cache_dir=tmp_path)).teacher()
+    assert calls == [torch.float32] and one[0] is not teacher[0]
+    assert torch.equal(two[0].model.norm.weight, teacher[0].model.norm.weight)
+    # a damaged weights file is said and de-quantised again, not a crash
+    (weights,) = (tmp_path / "teachers").glob(f"*/{lm.WEIGHTS}")
+    weights.write_bytes(b"not a safetensors file")
+    three = lm.LanguageModelling(lm.LMConfig(**SMALL, cache_dir=tmp_path)).teacher()
+    assert len(calls) == 2 and "unreadable" in capsys.readouterr().err
+    assert torch.equal(three[0].model.norm.weight, teacher[0].model.norm.weight)
+    # another dtype is another folder
+    lm.LanguageModelling(lm.LMConfig(**SMALL, cache_dir=tmp_path, teacher_dtype="bfloat16")).teacher()
+    assert calls[-1] == torch.bfloat16 and len(list((tmp_path / "teachers").iterdir())) == 2
 
 
 @pytest.mark.parametrize("options, match", [

@@ -392,3 +392,23 @@ def test_completions_of_the_teacher_scratch_and_the_best_method_on_validation(tm
     text = write_report(tmp_path).read_text()
     assert "| prompt | teacher (frozen) | scratch (seed 0) | best: td (seed 0) |" in text
     assert "| Hi | there \\| you | scratch 0 | td 0 |" in text
+
+
+def test_the_headline_by_hand(tmp_path):
+    """The terminal's headline: mean ± std, gain over scratch, and the paired t-test against
+    scratch Holm-adjusted over the setting's methods. By hand (2 degrees of freedom, two-sided
+    p = 1 - t / sqrt(t^2 + 2)): td - scratch = (-0.1, +0.1, -0.2), t = 0.7559, p = 0.529;
+    fitnet's differences (0.05, 0.04, 0.06) give t = 0.05 / (0.01 / sqrt(3)) = 8.660,
+    p = 0.01307; Holm: fitnet 2 x 0.01307 = 0.026 (better), td max(0.529, 0.026) = 0.529."""
+    from talkingmodels.report.headline import headline
+
+    results = pd.DataFrame(rows("scratch", [1.0, 1.0, 1.0]) + rows("td", [0.9, 1.1, 0.8])
+                           + rows("fitnet", [0.95, 0.96, 0.94]))
+    results.to_csv(tmp_path / "results.csv", index=False)
+    lines = headline(tmp_path).splitlines()
+    assert lines[0] == "movielens / dense (lower is better)"
+    cells = {line.split()[0]: line.split() for line in lines[2:]}
+    assert cells["scratch"] == ["scratch", "1.0000", "±", "0.0000", "-", "-", "3"]
+    assert cells["td"] == ["td", "0.9333", "±", "0.1528", "+6.67%", "n.s.", "(p", "0.529)", "3"]
+    assert cells["fitnet"] == ["fitnet", "0.9500", "±", "0.0100", "+5.00%", "better", "(p", "0.026)", "3"]
+    assert lines[-1].split() == ["teacher", "(frozen)", "0.9000"]

@@ -3,6 +3,8 @@ read back once; rows read in the order the grid ran them; older layouts refused 
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from talkingmodels import store
@@ -69,3 +71,52 @@ def test_a_store_records_the_machine_and_software_it_ran_on(tmp_path, monkeypatc
     text = store.machines_text(tmp_path)
     assert text.startswith(f"Run on {machine['cpu']} ({machine['cores']} cores), torch {torch.__version__}")
     assert "; Another CPU" in text
+
+
+def test_a_store_with_a_run_twice_is_one_error_naming_it(tmp_path, capsys):
+    """Two processes' rows for one run (a store written before the lock): report, export and
+    --resume stop with one line naming the run and the repair; nothing is changed."""
+    from talkingmodels import cli
+
+    rows = [store.result_row(key(m), RMSE, 0.9, m, value="0.95") for m in ("scratch", "td", "td")]
+    store.append_results(tmp_path, rows)
+    store.record_task(tmp_path, "toy", {}, ["dense"], ["scratch", "td"])
+    before = (tmp_path / "results.csv").read_bytes()
+    for read in (store.read_results, store.done_runs, store.check_rows):
+        with pytest.raises(UserError, match=r"holds 1 run\(s\) more than once \(toy/dense/td/0;.*--resume"):
+            read(tmp_path)
+    export = ["export", tmp_path, "dense__td__0", "--out", tmp_path / "s.safetensors"]
+    for argv in (["report", tmp_path], export):
+        assert cli.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "toy/dense/td/0" in err
+    assert (tmp_path / "results.csv").read_bytes() == before and not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("cut", [1, 9, 30])
+def test_a_results_file_cut_mid_row_is_one_error(tmp_path, cut):
+    rows = [store.result_row(key(m), RMSE, 0.9, m, value="0.95") for m in ("scratch", "td")]
+    store.append_results(tmp_path, rows)
+    path = tmp_path / "results.csv"
+    path.write_bytes(path.read_bytes()[:-cut])
+    for read in (store.read_results, store.done_runs):
+        with pytest.raises(UserError, match="row cut short at line 3 .*delete that line"):
+            read(tmp_path)
+
+
+def test_curves_go_in_one_file_a_setting_and_a_cut_file_is_one_error(tmp_path):
+    def curve(setting):
+        return [{**key("td", setting=setting), "epoch": 1, "stage": "main", "name": "val_rmse", "value": 1.5}]
+
+    store.append_curves(tmp_path, curve("dense"))
+    store.append_curves(tmp_path, curve("sparse/x"))
+    files = sorted(p.name for p in (tmp_path / "curves").iterdir())
+    assert files == ["toy__dense.csv.gz", "toy__sparse_x.csv.gz"]
+    # an older store's single file is read with them
+    old = store.csv_text(store.CURVE_COLUMNS, curve("old"))
+    (tmp_path / "curves.csv.gz").write_bytes(gzip.compress(old.encode()))
+    assert sorted(store.read_curves(tmp_path).setting) == ["dense", "old", "sparse/x"]
+    path = tmp_path / "curves" / "toy__dense.csv.gz"
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(UserError, match="toy__dense.csv.gz is cut short or damaged"):
+        store.read_curves(tmp_path)

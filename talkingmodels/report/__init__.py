@@ -1,4 +1,4 @@
-"""Tables and plots from a runs store: ``results.csv`` (+ ``curves.csv.gz``) -> ``report.md``,
+"""Tables and plots from a runs store: ``results.csv`` (+ ``curves/``) -> ``report.md``,
 ``summary.csv``, the forest plot of gains and one PNG of validation curves per setting; and the
 generated results blocks of the docs. The report reads nothing but the store.
 

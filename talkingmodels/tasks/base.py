@@ -128,6 +128,12 @@ class Task:
     def prepare(self, setting: str) -> Prepared:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Let go of what ``prepare`` loaded (models, data): the main process of a ``--jobs``
+        grid does before its workers prepare their own. A task keeps what it loads on the
+        instance and a fresh instance holds none of it, so a fresh start is the release."""
+        self.__init__(self.config)
+
     def samples(self, model: nn.Module) -> dict[str, str] | None:
         """What ``model`` (a trained student or the teacher) makes of the task's fixed
         prompts, for the report (tasks that generate text); None: nothing to show."""

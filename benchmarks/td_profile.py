@@ -119,7 +119,8 @@ def profile_task(name: str, args, task_options: dict | None = None) -> dict:
     ``task_options``: the task's options (default: ``--data-dir`` for MovieLens)."""
     from talkingmodels.channel import to_grid
     from talkingmodels.config import ExperimentConfig, resolve, validate
-    from talkingmodels.engine import TrainStep, make_optimizer, precompute_teacher, train_step
+    from talkingmodels.engine import TrainStep, make_optimizer, train_step
+    from talkingmodels.inference import precompute_teacher
     from talkingmodels.runner import build_method
     from talkingmodels.states import token_mask
 

@@ -1,7 +1,7 @@
 """One call to distil a teacher into a student: :func:`distill`, and :func:`load_student`.
 
 The user brings two PyTorch (or Hugging Face) models and their data as DataLoaders, Hugging
-Face datasets or :class:`~talkingmodels.data.Split` s; layers are named by module path.
+Face datasets or :class:`~talkingmodels.splits.Split` s; layers are named by module path.
 Everything is validated before any training or teacher computation where it can be: the
 method and its options, the layer names, the device and precision, the batches' shape and
 whether the student's output fits the task.
@@ -22,18 +22,13 @@ from torch import nn
 
 from talkingmodels import distributed, frozen, losses
 from talkingmodels.config import validate
-from talkingmodels.data import Batch, Split, Splits, as_loader, iterate, teacher_cached
-from talkingmodels.engine import (
-    TrainConfig,
-    device_of,
-    first_batch,
-    fit,
-    precompute_teacher,
-    seed_everything,
-)
+from talkingmodels.data import Batch, as_loader, iterate, teacher_cached
+from talkingmodels.engine import TrainConfig, first_batch, fit, seed_everything
 from talkingmodels.errors import UserError
+from talkingmodels.inference import device_of, precompute_teacher
 from talkingmodels.io import atomic_write_text
 from talkingmodels.losses import Metric
+from talkingmodels.splits import Split, Splits
 from talkingmodels.states import TAILS, ModelPair, OutputKind, vocabulary
 
 TASKS = losses.TASKS  # task name -> (loss, default metric): classification, regression, causal-lm

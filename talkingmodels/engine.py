@@ -6,7 +6,9 @@ its own), the sum of the method's named loss terms, and after each epoch the val
 metric of the student alone. With model selection on, the best epoch's student is kept and
 training stops after ``patience`` epochs without improvement. The test metric is measured
 once, at the end. Device, mixed precision and processes come from one accelerate
-Accelerator (:mod:`talkingmodels.distributed`).
+Accelerator (:mod:`talkingmodels.distributed`); a run's state on disk, for exact resume, is
+:mod:`talkingmodels.checkpoint`'s, and measuring a model on a split
+:mod:`talkingmodels.inference`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import itertools
 import os
 import random
 import re
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +32,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from talkingmodels import distributed, losses, taps
-from talkingmodels.data import Batch, Split, Splits, as_loader, iterate, teacher_cached
+from talkingmodels.checkpoint import (
+    Interrupted,
+    loader_generators,
+    order_state,
+    restore,
+    rng_state,
+    save,
+    set_order_state,
+    set_rng_state,
+    stop_requests,
+)
+from talkingmodels.data import Batch, as_loader, iterate
 from talkingmodels.errors import UserError
-from talkingmodels.io import atomic_save
+from talkingmodels.inference import evaluate
 from talkingmodels.losses import Metric
-from talkingmodels.states import TopK
+from talkingmodels.splits import Split, Splits
 
 # What shapes how a run is computed but not what it learns: left out of cache keys.
 RUNTIME_FIELDS = {"device", "mixed_precision", "teacher_dtype", "deterministic"}
@@ -134,172 +145,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def device_of(model: nn.Module) -> torch.device:
-    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-
-
-@torch.no_grad()
-def predictions(model: nn.Module, data, batch_size: int = 8192,
-                autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's outputs and the targets on every batch of ``data``, in order and in eval
-    mode (its mode is restored), gathered on the CPU in float32 (run on the model's device)."""
-    was_training = model.training
-    model.eval()
-    device, outputs, targets = device_of(model), [], []
-    for batch in iterate(as_loader(data, batch_size, shuffle=False), batch_size):
-        batch = batch.to(device)
-        with autocast():
-            output = taps.prediction(batch.run_student(model))
-        outputs.append(output.float().cpu())
-        targets.append(batch.target.cpu())
-    model.train(was_training)
-    if not outputs:
-        raise UserError("the evaluation data yielded no batches")
-    return torch.cat(outputs), torch.cat(targets)
-
-
-def predict(model: nn.Module, data, batch_size: int = 8192) -> torch.Tensor:
-    """The model's outputs on a whole split, in eval mode (its mode is restored)."""
-    return predictions(model, data, batch_size)[0]
-
-
-def evaluate(model: nn.Module, data, metric: Metric, batch_size: int = 8192,
-             autocast=contextlib.nullcontext) -> float:
-    """``metric`` of the model on ``data`` (in eval mode; its mode is restored). A streamed
-    metric (``metric.totals``) is summed batch by batch, in float64, on the model's device."""
-    if metric.totals is None:
-        return float(metric.fn(*predictions(model, data, batch_size, autocast)))
-    was_training = model.training
-    model.eval()
-    device, sums = device_of(model), None
-    try:
-        with torch.no_grad():
-            for batch in iterate(as_loader(data, batch_size, shuffle=False), batch_size):
-                batch = batch.to(device)
-                with autocast():
-                    output = taps.prediction(batch.run_student(model))
-                part = metric.totals(output.float(), batch.target).double()
-                sums = part if sums is None else sums + part
-    finally:
-        model.train(was_training)
-    if sums is None:
-        raise UserError("the evaluation data yielded no batches")
-    return float(metric.finish(sums))
-
-
-@torch.no_grad()
-def precompute_teacher(teacher: nn.Module, split: Split, layers: tuple[str, ...],
-                       batch_size: int = 8192, top_k: int | None = None, tail: str = "renormalise") -> None:
-    """Store the frozen teacher's states at ``layers`` and its output for every example of
-    ``split`` in ``split.teacher_cache`` (on the CPU; run on the teacher's device): the
-    teacher is then never run again on it. Nothing to do when the task already filled the
-    cache (e.g. from its disk cache). ``top_k``: a causal LM's output is kept as its
-    ``top_k`` most likely next tokens per position (a :class:`TopK` with ``tail``)."""
-    if teacher_cached(split, layers):
-        return
-    device = device_of(teacher)
-
-    def run(batch):
-        output = taps.prediction(batch.run_teacher(teacher))
-        if top_k is None:
-            return output
-        top = TopK.of(output, top_k)
-        return {"output": top.log_probs, "output_indices": top.indices}
-
-    cache = taps.collect(teacher, layers, (batch.to(device) for batch in split.batches(batch_size)), run,
-                         "output", width=None if split.lengths is None else int(split.lengths.max()))
-    if top_k is not None:
-        cache["output"] = TopK(cache["output"], cache.pop("output_indices"), tail)
-    split.teacher_cache = cache
-
-
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     # foreach: one multi-tensor update instead of a Python loop over parameters, with the
     # same arithmetic (results stay bit for bit); on CPU torch defaults to the loop.
     # (fused=True is faster still, but rounds differently.)
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _loader_generators(data) -> list[torch.Generator]:
-    """The generators a DataLoader draws its order from (its own, its sampler's), besides the
-    global one: a checkpoint saves their states, so a resumed run sees the same order."""
-    found = []
-    for owner in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
-                  getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
-
-
-def _order_state(order: torch.Generator, data) -> dict:
-    """Where the data order stands: the Split order's generator, a loader's generators and
-    the global RNG (a loader without a generator of its own draws from it)."""
-    return {"order": order.get_state(), "loader": [g.get_state() for g in _loader_generators(data)],
-            "rng": _rng_state()}
-
-
-def _set_order_state(order: torch.Generator, data, state: dict) -> None:
-    order.set_state(state["order"])
-    for generator, saved in zip(_loader_generators(data), state["loader"], strict=False):
-        generator.set_state(saved)
-    _set_rng_state(state["rng"])
-
-
-def _state(method: Supervised, optimizer, order: torch.Generator, data, run: dict,
-           fingerprint: dict | None, scaler) -> dict:
-    """Everything a checkpoint holds. Frozen modules (the teacher) are left out: they never
-    change, and they can be large."""
-    frozen = tuple(f"{name}." for name in method.frozen_modules())
-    own = {k: v for k, v in method.state_dict().items() if not k.startswith(frozen or ("\0",))}
-    return {"method": own, "optimizer": optimizer.state_dict(), "order": order.get_state(),
-            "loader": [g.get_state() for g in _loader_generators(data)],
-            "rng": _rng_state(), "run": run, "fingerprint": fingerprint,
-            "scaler": scaler.state_dict() if scaler is not None else None}
-
-
-def _changes(old, new, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested dicts."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [prefix or "(value)"]
-    return [change for key in sorted(set(old) | set(new), key=str)
-            for change in _changes(old.get(key), new.get(key), f"{prefix}.{key}".lstrip("."))]
-
-
-def load_checkpoint(path: Path, fingerprint: dict | None = None) -> dict:
-    """A checkpoint's state, verified: readable, and written by a run with the same
-    ``fingerprint`` (the settings that shape the run) when both have one."""
-    try:
-        saved = torch.load(path, weights_only=False)
-    except Exception as exc:  # truncated or corrupted: never resume from it silently
-        raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to "
-                        "start this run again") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"checkpoint {path} is not a talkingmodels checkpoint; delete it to start "
-                        "this run again")
-    if saved.get("fingerprint") is not None and fingerprint is not None:
-        changed = _changes(saved["fingerprint"], fingerprint)
-        if changed:
-            raise UserError(f"checkpoint {path} was written by a run with other settings "
-                            f"(changed: {', '.join(changed)}); use --force to start over")
-    return saved
 
 
 class TrainStep(nn.Module):
@@ -312,32 +163,6 @@ class TrainStep(nn.Module):
 
     def forward(self, batch):
         return self.method.forward_train(batch)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; the run's state was saved at a step boundary."""
-
-
-@contextlib.contextmanager
-def _stop_requests(enabled: bool):
-    """While training with a checkpoint, SIGINT/SIGTERM only ask the loop to stop at the
-    next step boundary (so the state it saves is consistent)."""
-    flag = {"stop": False}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def ask(_signum, _frame):
-        flag["stop"] = True
-
-    for sig in previous:
-        signal.signal(sig, ask)
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -361,7 +186,7 @@ def first_batch(data, batch_size: int) -> Batch:
     the loader's own generators (fetching a shuffled loader's first batch draws from them)."""
     if isinstance(data, Split):
         return data.batch(slice(0, 4))
-    generators = _loader_generators(data)
+    generators = loader_generators(data)
     saved = [g.get_state() for g in generators]
     with torch.random.fork_rng(devices=[]):
         batch = next(iterate(data, batch_size), None)
@@ -418,21 +243,14 @@ def fit(method: Supervised, splits: Splits, metric: Metric, cfg: TrainConfig, se
         place(method, acc.device, cfg.teacher_dtype)
         saved, partial = None, None
         if checkpoint is not None and Path(checkpoint).exists():
-            saved = load_checkpoint(Path(checkpoint), fingerprint)
-            keys = method.load_state_dict(saved["method"], strict=False)
-            frozen = tuple(f"{name}." for name in method.frozen_modules()) or ("\0",)
-            if keys.unexpected_keys or any(not k.startswith(frozen) for k in keys.missing_keys):
-                raise UserError(f"checkpoint {checkpoint} belongs to another model or method")
-            _set_order_state(order, train, saved)
-            if acc.scaler is not None and saved.get("scaler"):
-                acc.scaler.load_state_dict(saved["scaler"])
+            saved = restore(Path(checkpoint), fingerprint, method, order, train, acc.scaler)
             run, partial = saved["run"], saved.get("partial")
         stages = method.stages()
         writes = checkpoint is not None and distributed.is_main()
         bar = tqdm(desc="epochs", unit="epoch", disable=not (progress and distributed.is_main()),
                    total=sum(stage.epochs or cfg.epochs for stage in stages), initial=run["epoch"])
         # A mid-epoch pause needs every process to stop at the same step: single process only.
-        with _stop_requests(checkpoint is not None and not multi) as stop, bar:
+        with stop_requests(checkpoint is not None and not multi) as stop, bar:
             for index in range(run["stage"], len(stages)):
                 stage = stages[index]
                 method.stage = stage
@@ -451,8 +269,8 @@ def fit(method: Supervised, splits: Splits, metric: Metric, cfg: TrainConfig, se
                                       partial, stop, on_step, acc if multi else None, acc)
                     partial = None
                     if "paused" in row:
-                        atomic_save({**_state(method, optimizer, order, train, run, fingerprint,
-                                              acc.scaler), "partial": row["paused"]}, Path(checkpoint))
+                        save(Path(checkpoint), method, optimizer, order, train, run, fingerprint,
+                             acc.scaler, partial=row["paused"])
                         raise Interrupted(f"interrupted in epoch {run['epoch']}; the run's state is "
                                           f"in {checkpoint}: run the same command with --resume to "
                                           "continue it")
@@ -467,8 +285,8 @@ def fit(method: Supervised, splits: Splits, metric: Metric, cfg: TrainConfig, se
                             run["stale"] += 1
                             run["done"] = run["stale"] >= cfg.patience
                     if writes:
-                        atomic_save(_state(method, optimizer, order, train, run, fingerprint,
-                                           acc.scaler), Path(checkpoint))
+                        save(Path(checkpoint), method, optimizer, order, train, run, fingerprint,
+                             acc.scaler)
                     bar.update(1 + (budget - run["stage_epoch"] if run["done"] else 0))
                     bar.set_postfix({"loss": sum(v for k, v in row.items() if k.startswith("loss_")),
                                      metric.name: val_metric}, refresh=False)
@@ -543,9 +361,9 @@ def train_epoch(method, step, data, cfg: TrainConfig, optimizer, order: torch.Ge
     method.train()
     device = acc.device if acc is not None else torch.device("cpu")
     if partial is not None:  # replay the epoch's data order, then continue the paused RNGs
-        paused = _rng_state()
-        _set_order_state(order, data, partial["order_start"])
-    start_state = _order_state(order, data)
+        paused = rng_state()
+        set_order_state(order, data, partial["order_start"])
+    start_state = order_state(order, data)
     sums: dict[str, torch.Tensor] = dict(partial["sums"]) if partial else {}
     first_bad: dict[str, torch.Tensor] = dict(partial["first_bad"]) if partial else {}
     steps = partial["steps"] if partial else 0
@@ -554,7 +372,7 @@ def train_epoch(method, step, data, cfg: TrainConfig, optimizer, order: torch.Ge
     if partial is not None:
         for _ in itertools.islice(batches, steps):  # the steps already done
             pass
-        _set_rng_state(paused)  # go on with the RNGs where the pause left them
+        set_rng_state(paused)  # go on with the RNGs where the pause left them
     while True:
         # (asked before the next batch is fetched: a loader that draws from the global RNG
         # then fetches it from the saved state when the run resumes)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkingmodels import losses, taps
-from talkingmodels.data import TokenStates, TokenTopK
 from talkingmodels.io import atomic_write
 from talkingmodels.probes import libc
+from talkingmodels.splits import TokenStates, TokenTopK
 from talkingmodels.states import TopK
 
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -48,7 +48,7 @@ def release_pages(tensor: torch.Tensor) -> None:
 
 def _states(stored: dict, layers: tuple[str, ...], n: int, dtype: torch.dtype) -> dict:
     """A cache file's content as states: packed token states (a ``"lengths"`` entry) as
-    :class:`~talkingmodels.data.TokenStates`; checked against what was asked (a wrong row
+    :class:`~talkingmodels.splits.TokenStates`; checked against what was asked (a wrong row
     count, dtype or token count raises)."""
     lengths = stored.get("lengths")  # (a task packs every token state it stores)
     result = {"features": stored["features"]}
@@ -194,7 +194,7 @@ def cached_states(path: Path, teacher: nn.Module, inputs: tuple[torch.Tensor, ..
     the pages stay the operating system's to drop. The states are stored in ``dtype``
     (``float16`` halves them; the pooled features stay float32 for the probe). Given
     ``lengths`` (real tokens per right-padded sentence), token states are stored packed,
-    real tokens only (:class:`~talkingmodels.data.TokenStates`)."""
+    real tokens only (:class:`~talkingmodels.splits.TokenStates`)."""
     n, cast = len(inputs[0]), CACHE_DTYPES[dtype]
     if path.is_file():
         try:
@@ -235,7 +235,7 @@ def write_teacher_cache(path: Path, teacher: nn.Module, split, layers: tuple[str
     memory-mapped: what ``split.teacher_cache`` takes. The split's states are never all in
     memory at once. ``top_k``: a causal LM's output is stored as its ``top_k`` most likely
     next tokens per position (log-probabilities and token ids, a
-    :class:`~talkingmodels.data.TokenTopK` with ``tail``) instead of its logits. ``dtype``:
+    :class:`~talkingmodels.splits.TokenTopK` with ``tail``) instead of its logits. ``dtype``:
     the states' (and the top-k log-probabilities') dtype on disk (float16 halves them).
     ``on_output(output, batch)`` sees the teacher's output on each batch (a task measures
     the teacher's own metric in the same pass)."""

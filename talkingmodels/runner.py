@@ -24,23 +24,22 @@ import torch
 from tqdm.auto import tqdm
 
 from talkingmodels import analysis, distributed, store
+from talkingmodels.checkpoint import load_checkpoint
 from talkingmodels.config import Experiment, ExperimentConfig, resolve
-from talkingmodels.data import Split, as_loader, iterate
+from talkingmodels.data import as_loader, iterate
 from talkingmodels.engine import (
     NumericalFault,
-    device_of,
     first_batch,
     fit,
-    load_checkpoint,
     place,
-    precompute_teacher,
-    predict,
     seed_everything,
 )
 from talkingmodels.errors import UserError
 from talkingmodels.export import save_weights
+from talkingmodels.inference import device_of, precompute_teacher, predict
 from talkingmodels.methods import not_applicable
 from talkingmodels.probes import PeakMemory, TensorBoardLog, release_memory
+from talkingmodels.splits import Split
 from talkingmodels.states import ModelPair
 from talkingmodels.tasks import Prepared
 

@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler, TensorDataset
 
 from talkingmodels import UserError, distill, load_student
-from talkingmodels.data import Split
-from talkingmodels.engine import Interrupted, TrainConfig, fit
+from talkingmodels.checkpoint import Interrupted
+from talkingmodels.engine import TrainConfig, fit
 from talkingmodels.losses import ACCURACY
 from talkingmodels.methods import METHODS
+from talkingmodels.splits import Split
 from talkingmodels.states import ModelPair
 
 LAYERS = {"student_layers": ("1", "3"), "teacher_layers": ("1", "3")}
@@ -293,7 +294,7 @@ def test_resume_over_a_shuffled_dataloader_is_exact_and_trains_only_the_rest(tas
             if row["epoch"] == kill_after:
                 raise Killed
 
-        from talkingmodels.data import Splits
+        from talkingmodels.splits import Splits
 
         result = fit(method, Splits(train, val, test), ACCURACY, cfg, seed=3, on_epoch=on_epoch,
                      checkpoint=checkpoint)

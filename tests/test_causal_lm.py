@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 
 from talkingmodels import UserError, distill, load_student, losses, taps
 from talkingmodels.api import _check_output
-from talkingmodels.data import Split, iterate, to_batch
-from talkingmodels.engine import evaluate
+from talkingmodels.data import iterate, to_batch
+from talkingmodels.inference import evaluate
 from talkingmodels.methods import get_method
+from talkingmodels.splits import Split
 from talkingmodels.states import ModelPair
 from tests.lm_models import VOCAB, llama, rows, texts
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from talkingmodels.data import LazyRows, Split
+from talkingmodels.data import LazyRows
+from talkingmodels.splits import Split
 
 
 def padded_split(n: int = 300, width: int = 12, seed: int = 0) -> Split:

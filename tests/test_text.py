@@ -298,7 +298,7 @@ def test_token_states_are_cached_packed_mapped_and_exact(tmp_path, encoder):
     """The training split's token states are stored without padding, memory-mapped when
     read, and hand back exactly the teacher's states at real tokens (zeros at padding)."""
     from talkingmodels import frozen
-    from talkingmodels.data import TokenStates
+    from talkingmodels.splits import TokenStates
 
     prepared = task(tmp_path, encoder, limit=30).prepare("tweets")
     train = prepared.splits.train
@@ -415,7 +415,7 @@ def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_
     are the same bit for bit in small batches and in one, and the logits the same up to the
     rounding of a matrix product over fewer rows."""
     from talkingmodels import frozen
-    from talkingmodels.engine import predict
+    from talkingmodels.inference import predict
 
     teacher, split, layers = prepared.teacher, prepared.splits.val, prepared.teacher_layers
     ids, mask = split.student_inputs

@@ -195,7 +195,7 @@ def test_a_run_records_per_class_test_and_validation_accuracy(prepared):
     import json
 
     from talkingmodels.analysis import class_accuracy
-    from talkingmodels.engine import predict
+    from talkingmodels.inference import predict
 
     student = prepared.build_student().eval()
     row = runner.representation(prepared, student, {}, batch_size=64)

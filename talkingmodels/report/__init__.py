@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from talkingmodels.report.ablations import (
+    ablation_overview,
+    ablation_table,
+    diagnostics_table,
+    weak_logits_table,
+)
 from talkingmodels.report.blocks import (
     GAP_INTRO,
     README_END,
@@ -32,10 +38,7 @@ from talkingmodels.report.statistics import (
     without_variants,
 )
 from talkingmodels.report.tables import (
-    ablation_overview,
-    ablation_table,
     compute_table,
-    diagnostics_table,
     gains_table,
     gap_table,
     is_tuning,
@@ -47,7 +50,6 @@ from talkingmodels.report.tables import (
     tuning_table,
     undistillable_table,
     versus_table,
-    weak_logits_table,
 )
 from talkingmodels.store import machines_text, read_curves, read_results, read_samples
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from talkingmodels.errors import UserError
-from talkingmodels.report.statistics import STUDY, Study, compared, summarise, without_variants
-from talkingmodels.report.tables import (
+from talkingmodels.report.ablations import (
     ablation_overview,
     ablation_table,
-    compute_table,
     diagnostics_table,
+    weak_logits_table,
+)
+from talkingmodels.report.statistics import STUDY, Study, compared, summarise, without_variants
+from talkingmodels.report.tables import (
+    compute_table,
     gains_table,
     gap_table,
     is_tuning,
@@ -19,7 +22,6 @@ from talkingmodels.report.tables import (
     tuning_table,
     undistillable_table,
     versus_table,
-    weak_logits_table,
 )
 from talkingmodels.store import machines_text, read_results
 

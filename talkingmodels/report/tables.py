@@ -12,7 +12,6 @@ from talkingmodels.report.statistics import (
     _per_class,
     _rank,
     _values,
-    _variants,
     best_other,
     relative_gain,
 )
@@ -87,136 +86,6 @@ def overview_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     return "\n".join(lines)
 
 
-def _change(label: str) -> str:
-    from talkingmodels.suites import VARIANTS
-
-    return ", ".join(f"{k} {v}" for k, v in VARIANTS[label].items() if k != "name")
-
-
-def _ablation_family(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY):
-    """One setting's ablation labels (reference, focus, variants that ran) and the focus
-    against each variant, paired by seed: one family, Holm-adjusted."""
-    from talkingmodels.analysis import compare_family
-
-    table = _values(results)
-    focus, reference = study.focus, study.reference
-    labels = [label for label in [reference, focus, *_variants(study)]
-              if not summary[summary.method == label].empty
-              and not _na(summary[summary.method == label].iloc[0])]
-    # one family: the variants (the reference's comparison with the focus is the methods')
-    tested = [label for label in labels if label not in (focus, reference) and focus in table
-              and label in table]
-    family = (compare_family(table[focus], {label: table[label] for label in tested}, _higher(summary))
-              if tested else {})
-    return labels, family
-
-
-def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
-    """The focus's ablation variants of one setting against its default, paired by seed:
-    what each changes, its test metric, gain over the reference, difference from the focus
-    (positive = the variant is better) with the paired t-test's p, raw and Holm-adjusted over
-    the table's variants (one family), and CKA with the teacher."""
-    metric = summary.metric.iloc[0]
-    focus, reference = study.focus, study.reference
-    labels, family = _ablation_family(summary, results, study)
-    lines = [f"| variant | change from {focus} | val {metric} | test {metric} | gain vs {reference} | "
-             f"vs {focus} | p (paired t) | p (Holm) | better than {focus} on | CKA at h |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for label in labels:
-        r = summary[summary.method == label].iloc[0]
-        gain, cka = _gain_text(r), _cka_text(r)
-        if label in family:
-            c = family[label]  # oriented for the focus: the variant's difference is its negative
-            versus = [f"{-c['mean_diff']:+.4f}", f"{c['p_ttest']:.3f}", _p_text(c),
-                      f"{c['n'] - c['wins'] - c['ties']}/{c['n']}"]
-        else:
-            versus = ["-", "-", "-", "-"]
-        change = "(reference)" if label in (reference, focus) else _change(label)
-        lines.append(f"| {label} | {change} | {r['val_mean']:.4f} | {r['mean']:.4f} ± {r['std']:.4f} | "
-                     f"{gain} | " + " | ".join(versus) + f" | {cka} |")
-    return "\n".join(lines)
-
-
-# The controls that say whether the exchange carries what the teacher knows: without them
-# (no interaction), with a teacher that knows nothing, with answers to other questions.
-DIAGNOSTICS = ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")
-
-
-def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
-    """Per setting where a diagnostic ran: the focus and each of its grounded configurations
-    there against each diagnostic, paired by seed (difference, positive = the configuration is
-    better; p Holm-adjusted over the setting's configuration x diagnostic comparisons, one
-    family), the verdict (the interaction carries this teacher's knowledge only where the
-    configuration is significantly better than both no interaction and the re-initialised
-    teacher) and the setting's best label by mean. "" when no setting ran a diagnostic."""
-    from talkingmodels.analysis import holm_family, paired_comparison
-    from talkingmodels.suites import GROUNDED
-
-    keys = [key for key, group in summary.groupby(["task", "setting"], sort=False)
-            if group.method.isin(DIAGNOSTICS[1:]).any()]
-    if not keys:
-        return ""
-    lines = ["| setting | configuration | mean | " + " | ".join(f"vs {d} (p Holm)" for d in DIAGNOSTICS)
-             + " | carries the teacher's knowledge | best by mean |", "|---" * (len(DIAGNOSTICS) + 5) + "|"]
-    for task, setting in keys:
-        here = summary[(summary.task == task) & (summary.setting == setting) & ~summary.na.fillna(False)]
-        table = _values(results[(results.task == task) & (results.setting == setting)])
-        higher = _higher(here)
-        configs = [c for c in (study.focus, *GROUNDED) if c in table]
-        pairs = holm_family({(c, d): paired_comparison(table[c], table[d], higher)
-                             for c in configs for d in DIAGNOSTICS if d in table})
-        best = here.sort_values("mean", ascending=not higher).method.iloc[0]
-        for config in configs:
-            cells, better = [], []
-            for d in DIAGNOSTICS:
-                c = pairs.get((config, d))
-                cells.append("not run" if c is None else f"{c['mean_diff']:+.4f} ({_p_text(c)})")
-                better.append(c is not None and c["significant"] and c["mean_diff"] > 0)
-            verdict = "yes" if all(better[:2]) else "no: not significantly better than " + " nor ".join(
-                d for d, b in zip(DIAGNOSTICS[:2], better[:2], strict=True) if not b)
-            mean = here[here.method == config]["mean"].iloc[0]
-            lines.append(f"| {task} / {setting} | {config} | {mean:.4f} | " + " | ".join(cells)
-                         + f" | {verdict} | {best} |")
-    return "\n".join(lines)
-
-
-# The methods that learn from the teacher's features, not its logits (the parameter-matched
-# control too): where the teacher's logits are weak, the focus without its KD term (w0 = 0)
-# must beat them for its exchange to be the better way to read those features.
-FEATURE_METHODS = ("fitnet", "feature-kd", "kd-modules")
-NO_KD = "td-no-kd"
-
-
-def weak_logits_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
-    """Per setting where the frozen teacher is worse than the reference (scratch) on test
-    (weak logits) and ``td-no-kd`` ran: its mean against the reference's and the teacher's,
-    and against each feature method paired by seed (difference, positive = td-no-kd is
-    better; p Holm-adjusted over the setting's comparisons, one family). "" when none."""
-    from talkingmodels.analysis import holm_family, paired_comparison
-
-    lines = []
-    for (task, setting), group in summary.groupby(["task", "setting"], sort=False):
-        here = group[~group.na.fillna(False)]
-        means = dict(zip(here.method, here["mean"], strict=True))
-        if NO_KD not in means or study.reference not in means:
-            continue
-        higher, teacher, base = _higher(here), here.teacher.iloc[0], means[study.reference]
-        if not ((teacher < base) if higher else (teacher > base)):
-            continue
-        table = _values(results[(results.task == task) & (results.setting == setting)])
-        pairs = holm_family({m: paired_comparison(table[NO_KD], table[m], higher)
-                             for m in FEATURE_METHODS if m in table})
-        cells = [f"{means[m]:.4f}; {pairs[m]['mean_diff']:+.4f} ({_p_text(pairs[m])})" if m in pairs
-                 else "not run" for m in FEATURE_METHODS]
-        lines.append(f"| {task} / {setting} | {teacher:.4f} | {base:.4f} | {means[NO_KD]:.4f} | "
-                     + " | ".join(cells) + " |")
-    if not lines:
-        return ""
-    head = (f"| setting | teacher | {study.reference} | {NO_KD} | "
-            + " | ".join(f"{m}; {NO_KD} minus it (p Holm)" for m in FEATURE_METHODS) + " |")
-    return "\n".join([head, "|---" * (len(FEATURE_METHODS) + 4) + "|", *lines])
-
-
 def gap_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
     """Per setting where the frozen teacher beats the reference (scratch) on test: the share
     of the reference-to-teacher gap each method's mean closes, in percent (100% = as good as
@@ -248,31 +117,6 @@ def gap_table(summary: pd.DataFrame, study: Study = STUDY) -> str:
 def _p_text(c: dict) -> str:
     """The Holm-adjusted p, starred where significant at 5%."""
     return "n/a" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3f}" + ("*" if c["significant"] else "")
-
-
-def ablation_overview(summary: pd.DataFrame, study: Study = STUDY) -> str:
-    """Every ablated setting side by side: each variant's test metric relative to the
-    focus's default, in percent (positive = the variant is better); "" without variants."""
-    variants = summary[summary.method.isin(_variants(study))]
-    keys = list(dict.fromkeys(zip(variants.task, variants.setting, strict=True)))
-    if not keys:
-        return ""
-    lines = [f"| variant | change from {study.focus} | " + " | ".join(f"{t} / {s}" for t, s in keys)
-             + " |", "|---" * (len(keys) + 2) + "|"]
-    for label in [study.reference, *_variants(study)]:
-        cells = []
-        for task, setting in keys:
-            group = summary[(summary.task == task) & (summary.setting == setting)]
-            row, default = group[group.method == label], group[group.method == study.focus]
-            if row.empty or default.empty or _na(row.iloc[0]):
-                cells.append(_no_value(summary, task, setting, label) if not default.empty else "not run")
-                continue
-            higher = _higher(summary[summary.task == task])
-            cells.append(f"{relative_gain(row.iloc[0]['mean'], default.iloc[0]['mean'], higher):+.2f}%")
-        if set(cells) - {"n/a", "not run"}:
-            change = "no distillation" if label == study.reference else _change(label)
-            lines.append(f"| {label} | {change} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _setting_family(results: pd.DataFrame, study: Study = STUDY) -> dict[str, dict]:

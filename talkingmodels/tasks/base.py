@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from talkingmodels import losses
-from talkingmodels.data import Splits
 from talkingmodels.errors import UserError
 from talkingmodels.losses import Metric
+from talkingmodels.splits import Splits
 from talkingmodels.states import OutputKind
 
 

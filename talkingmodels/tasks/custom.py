@@ -27,9 +27,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from talkingmodels import losses
-from talkingmodels.data import Splits
 from talkingmodels.errors import UserError
 from talkingmodels.plugins import ModelSpec, import_object
+from talkingmodels.splits import Splits
 from talkingmodels.tasks.base import Prepared, Task, TaskConfig
 from talkingmodels.tasks.registry import register
 
@@ -108,7 +108,7 @@ class Custom(Task):
         return list(self.default_settings)
 
     def prepare(self, setting: str) -> Prepared:
-        from talkingmodels.engine import evaluate
+        from talkingmodels.inference import evaluate
 
         self.check_setting(setting)
         cfg = self.config

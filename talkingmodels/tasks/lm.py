@@ -42,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import nn
 
 from talkingmodels import frozen, losses
-from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.io import atomic_write_text
+from talkingmodels.splits import Split, Splits
 from talkingmodels.tasks.base import (
     FrozenTeacherConfig,
     Prepared,
@@ -374,7 +374,7 @@ class LanguageModelling(Task):
                 return json.loads(path.read_text())
             except ValueError:
                 pass
-        from talkingmodels.engine import evaluate
+        from talkingmodels.inference import evaluate
 
         metric = self.metric
         metrics = {"train": float(metric.finish(train)) if train is not None

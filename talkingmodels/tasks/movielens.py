@@ -23,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from talkingmodels import losses
-from talkingmodels.data import Split, Splits
-from talkingmodels.engine import RUNTIME_FIELDS, Supervised, TrainConfig, evaluate, fit, seed_everything
+from talkingmodels.engine import RUNTIME_FIELDS, Supervised, TrainConfig, fit, seed_everything
 from talkingmodels.errors import UserError
+from talkingmodels.inference import evaluate
 from talkingmodels.io import atomic_save
+from talkingmodels.splits import Split, Splits
 from talkingmodels.tasks.base import (
     Prepared,
     Task,

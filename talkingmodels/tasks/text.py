@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from talkingmodels import frozen, taps
-from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
+from talkingmodels.splits import Split, Splits
 from talkingmodels.states import pooled
 from talkingmodels.tasks.base import (
     ClassificationTask,

@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from talkingmodels import frozen, taps
-from talkingmodels.data import Split, Splits
 from talkingmodels.errors import UserError
 from talkingmodels.models import efficientnet_lite
+from talkingmodels.splits import Split, Splits
 from talkingmodels.tasks import base
 from talkingmodels.tasks.base import ClassificationTask, FrozenTeacherConfig, Prepared, config_key
 from talkingmodels.tasks.registry import register

@@ -6,6 +6,9 @@
   references, on each task's ``ablation_settings``;
 * ``efficiency``: TD's cheaper-interaction options against the default TD and TD without
   interaction, on the same settings;
+* ``decoder``: TD's choices on a decoder-only teacher (layer pairs of its stack, message
+  width, consistency, listening, the teacher's head as a per-token target, two rounds) and
+  its diagnostics, on the lm task's settings;
 * ``research``: the settings TD's premise is about (a capacity gap, little data, a teacher
   whose logits are weaker than its features: each task's ``research_settings``), the
   baselines, TD's diagnostics and its grounded options (docs/method.md).
@@ -85,8 +88,32 @@ RESEARCH: dict[str, dict] = {
     **GROUNDED,
 }
 
+
+def _teacher_pair(low: int, high: int) -> dict:
+    return {"name": "td", "teacher_layers": [f"model.layers.{low}", f"model.layers.{high}"]}
+
+
+# TD's choices on a decoder-only teacher (the lm task's 30-layer SmolLM2; the task's pair is
+# (10, 14)): the teacher's layer pair, shallow, deep and a wide gap against the narrow
+# default, the message width, per-round consistency, listening, the teacher's own head on its
+# interpretation as a per-token soft target, and two rounds. Tuned on seeds 100-102 by the
+# rule in docs/results.md ("Does talking help an LLM's student?").
+DECODER: dict[str, dict] = {
+    "td": {"name": "td"},
+    "td-layers-2-6": _teacher_pair(2, 6),
+    "td-layers-22-26": _teacher_pair(22, 26),
+    "td-layers-6-22": _teacher_pair(6, 22),
+    "td-m8": ABLATIONS["td-m8"],
+    "td-m64": ABLATIONS["td-m64"],
+    "td-round-consistency": GROUNDED["td-round-consistency"],
+    "td-listen-add": GROUNDED["td-listen-add"],
+    "td-listen-gate": GROUNDED["td-listen-gate"],
+    "td-answer-kd": {"name": "td", "answer_kd": 1.0},
+    "td-rounds-2": ABLATIONS["td-rounds-2"],
+}
+
 # Every labelled variant of TD (the report's ablation tables compare them with TD).
-VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY, **GROUNDED}
+VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY, **GROUNDED, **DECODER}
 
 
 def _ablated(task) -> tuple[str, ...]:
@@ -100,6 +127,10 @@ SUITES: dict[str, tuple] = {
     "ablations": (lambda task: ABLATIONS, _ablated),
     "efficiency": (lambda task: EFFICIENCY, _ablated),
     "research": (lambda task: RESEARCH, lambda task: task.research_settings),
+    # (its layer names are a Hugging Face decoder stack's: the lm task's)
+    "decoder": (lambda task: {**DECODER, **{label: ABLATIONS[label] for label in
+                                            ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")}},
+                lambda task: task.default_settings),
 }
 
 

@@ -332,3 +332,34 @@ def test_bf16_autocast_and_a_bf16_teacher_train_a_causal_lm_on_the_cpu(data, tea
                          mixed_precision="bf16", train_options={"teacher_dtype": "bfloat16"}, **LAYERS,
                          **QUIET)
         assert 1 < result.test < 40
+
+
+def test_a_methods_own_layers_replace_the_tasks_and_its_target_stays_the_cached_one(data, teacher):
+    """teacher_layers / student_layers of a method: TD interprets between its own teacher
+    layers and reads the teacher's states there (computed: a task caches only its own
+    layers'), while the KD target stays the cache's (a causal LM's top-k), so that the layers
+    are all a grid over layer pairs changes. A method that reads no state refuses them."""
+    from dataclasses import replace
+
+    from talkingmodels.states import TopK
+
+    batch = to_batch(torch.utils.data.default_collate(data[:12]))
+    own = ("model.layers.0", "model.layers.2")
+    td = build("td", llama(), teacher, batch, teacher_layers=own)
+    assert td.pair.teacher_layers == own and td.pair.student_layers == LAYERS["student_layers"]
+    with torch.no_grad(), taps.capture(teacher, (*LAYERS["teacher_layers"], *own)) as states:
+        logits = teacher(**batch.teacher_kwargs).logits
+    target = TopK.of(logits, 5)
+    cached = replace(batch, teacher_cache={**{n: states[n] for n in LAYERS["teacher_layers"]},
+                                           "output": target})
+    seen = td.teacher_states(cached, own)
+    for name in own:
+        assert torch.equal(seen[name], states[name])
+    assert torch.equal(seen["output"].log_probs, target.log_probs)
+    calls = []
+    between = td.teacher_between
+    td.teacher_between = lambda low, high, *rest: calls.append((low, high)) or between(low, high, *rest)
+    td.forward_train(cached)
+    assert calls and set(calls) == {own}
+    with pytest.raises(UserError, match="'logit-kd' reads no hidden states: teacher_layers do not apply"):
+        build("logit-kd", llama(), teacher, batch, teacher_layers=own)

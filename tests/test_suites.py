@@ -47,7 +47,7 @@ def test_every_suite_resolves(name, suite):
 
 def test_ablations_change_only_what_their_label_says():
     base = METHODS["td"].Config()
-    for label, entry in suites.ABLATIONS.items():
+    for label, entry in {**suites.ABLATIONS, **suites.DECODER}.items():
         if entry["name"] != "td" or label == "td":
             continue
         options = {k: v for k, v in entry.items() if k != "name"}
@@ -55,6 +55,8 @@ def test_ablations_change_only_what_their_label_says():
         assert changed != base, label
         differing = [k for k in type(base).model_fields if getattr(changed, k) != getattr(base, k)]
         assert sorted(differing) == sorted(options), label
+        if "teacher_layers" in options:  # (a pair of the teacher's own, not the task's (10, 14))
+            assert tuple(options["teacher_layers"]) != ("model.layers.10", "model.layers.14"), label
 
 
 def test_unknown_suite_and_settings_with_all(capsys):

@@ -10,10 +10,11 @@ method never knows which task it runs on: everything task-specific arrives in a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from talkingmodels import taps
@@ -30,6 +31,12 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     unfreeze_teacher: bool = False
+    # A method's own (l, h) instead of the task's, for a grid over layer pairs: the teacher's
+    # states there are computed on every step (a task caches its own layers' only).
+    student_layers: tuple[str, str] | None = Field(
+        None, description="(l, h) of the student this method reads instead of the task's")
+    teacher_layers: tuple[str, str] | None = Field(
+        None, description="(l, h) of the teacher this method reads instead of the task's")
 
 
 def supports(cls: type[Distiller], output: OutputKind) -> bool:
@@ -80,6 +87,12 @@ class Distiller(Supervised):
         if not supports(type(self), pair.output):
             raise UserError(f"method {name!r} does not apply to a task with {pair.output} outputs "
                             f"(it needs {' or '.join(self.outputs)} outputs)")
+        own = {f"{side}_layers": tuple(layers) for side in ("student", "teacher")
+               if (layers := getattr(config, f"{side}_layers")) is not None}
+        if own and not self.needs_layers:
+            raise UserError(f"method {name!r} reads no hidden states: {' and '.join(own)} "
+                            "do not apply to it")
+        pair = replace(pair, **own)
         if self.needs_layers:  # named layers are checked before anything runs
             for side, model, layers in (("student", pair.student, pair.student_layers),
                                         ("teacher", pair.teacher, pair.teacher_layers)):
@@ -177,6 +190,10 @@ class Distiller(Supervised):
         with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
             with taps.capture(self.teacher, layers) as states:
                 output = taps.prediction(self.run_teacher(batch))
+        if cached and "output" in batch.teacher_cache:
+            # (states at a method's own layers, not cached: the target stays the cached one,
+            # e.g. a causal LM's top-k, so that the layers are all that differs)
+            output = batch.teacher_cache["output"]
         return {key: _as_float(value) for key, value in {**states, "output": output}.items()}
 
     def pooled_states(self, batch: Batch):

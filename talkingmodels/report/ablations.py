@@ -67,14 +67,14 @@ DIAGNOSTICS = ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")
 
 
 def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
-    """Per setting where a diagnostic ran: the focus and each of its grounded configurations
+    """Per setting where a diagnostic ran: the focus and each of its grounded (and decoder) configurations
     there against each diagnostic, paired by seed (difference, positive = the configuration is
     better; p Holm-adjusted over the setting's configuration x diagnostic comparisons, one
     family), the verdict (the interaction carries this teacher's knowledge only where the
     configuration is significantly better than both no interaction and the re-initialised
     teacher) and the setting's best label by mean. "" when no setting ran a diagnostic."""
     from talkingmodels.analysis import holm_family, paired_comparison
-    from talkingmodels.suites import GROUNDED
+    from talkingmodels.suites import DECODER, GROUNDED
 
     keys = [key for key, group in summary.groupby(["task", "setting"], sort=False)
             if group.method.isin(DIAGNOSTICS[1:]).any()]
@@ -86,7 +86,7 @@ def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study
         here = summary[(summary.task == task) & (summary.setting == setting) & ~summary.na.fillna(False)]
         table = _values(results[(results.task == task) & (results.setting == setting)])
         higher = _higher(here)
-        configs = [c for c in (study.focus, *GROUNDED) if c in table]
+        configs = [c for c in dict.fromkeys((study.focus, *GROUNDED, *DECODER)) if c in table]
         pairs = holm_family({(c, d): paired_comparison(table[c], table[d], higher)
                              for c in configs for d in DIAGNOSTICS if d in table})
         best = here.sort_values("mean", ascending=not higher).method.iloc[0]

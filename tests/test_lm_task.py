@@ -96,6 +96,21 @@ def test_the_cache_is_reused_and_the_student_is_a_small_llama(tmp_path, teacher,
     assert student.config.vocab_size == 49152 and student.config.tie_word_embeddings
 
 
+def test_a_wide_setting_is_the_same_texts_and_cache_with_a_4x_wider_student(tmp_path, teacher, monkeypatch):
+    plain = task(tmp_path, teacher).prepare("tweets")
+    calls = []
+    monkeypatch.setattr(lm.frozen, "write_teacher_cache", lambda *a, **k: calls.append(1))
+    wide = task(tmp_path, teacher).prepare("tweets-wide")
+    assert not calls and wide.setting == "tweets-wide" and wide.teacher_metric == plain.teacher_metric
+    assert torch.equal(wide.splits.train.student_kwargs["input_ids"],
+                       plain.splits.train.student_kwargs["input_ids"])
+    small, big = plain.build_student(), wide.build_student()
+    assert (big.config.hidden_size, big.config.intermediate_size) == (4 * small.config.hidden_size,
+                                                                      4 * small.config.intermediate_size)
+    assert big.config.num_hidden_layers == small.config.num_hidden_layers
+    assert 20e6 < sum(p.numel() for p in big.parameters()) < 30e6
+
+
 def test_a_student_initialised_from_the_teacher_keeps_every_kth_layer(tmp_path, teacher):
     spec = lm.StudentSpec(init="teacher", every=10)
     student = lm.build_student(spec, teacher[0], 64)

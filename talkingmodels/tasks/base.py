@@ -57,7 +57,6 @@ class Prepared:
     output: OutputKind
 
 
-TINY = "-tiny"
 
 
 class Task:
@@ -85,9 +84,9 @@ class Task:
     research_settings: ClassVar[tuple[str, ...]] = ()
     # Whether `bench` runs it (a task of fixed data and models; `custom` is the user's own).
     benchmark: ClassVar[bool] = True
-    # The capacity-gap settings: any setting + "-tiny" trains a student about 10x smaller,
-    # these fields of the task's student spec replaced ({}: the task has none).
-    tiny_student: ClassVar[dict] = {}
+    # The capacity-gap settings: any setting + "-NAME" trains the student with these fields
+    # of the task's student spec replaced, e.g. "tiny" (about 10x smaller) or "wide" ({}: none).
+    student_sizes: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config: TaskConfig):
         self.config = config
@@ -105,25 +104,26 @@ class Task:
         return lookup[core.lower()] + tiny
 
     def split_tiny(self, setting: str) -> tuple[str, str]:
-        """(the setting without its "-tiny", "-tiny" or ""): a capacity-gap setting is its
-        plain setting's data with the tiny student (tasks with ``tiny_student`` only)."""
-        if self.tiny_student and setting.lower().endswith(TINY):
-            return setting[: -len(TINY)], TINY
+        """(the setting without its student-size suffix, the suffix ("-tiny", "-wide") or ""):
+        a capacity-gap setting is its plain setting's data with another student."""
+        for size in self.student_sizes:
+            if setting.lower().endswith(f"-{size}"):
+                return setting[: -len(size) - 1], f"-{size}"
         return setting, ""
 
     def student_spec(self, spec: BaseModel, setting: str) -> BaseModel:
-        """The student's spec for ``setting``: the configured one, or on a "-tiny" setting
-        the same with ``tiny_student``'s fields."""
-        if not self.split_tiny(setting)[1]:
+        """The student's spec for ``setting``: the configured one, or on a "-NAME" setting
+        the same with ``student_sizes[NAME]``'s fields."""
+        suffix = self.split_tiny(setting)[1]
+        if not suffix:
             return spec
-        return type(spec).model_validate({**spec.model_dump(), **self.tiny_student})
+        return type(spec).model_validate({**spec.model_dump(), **self.student_sizes[suffix[1:]]})
 
     def tiny_text(self) -> list[str]:
-        """How ``settings()`` lists the capacity-gap settings ([] without a tiny student)."""
-        if not self.tiny_student:
-            return []
-        fields = ", ".join(f"{k} {v}" for k, v in self.tiny_student.items())
-        return [f"SETTING{TINY} (any setting with a student about 10x smaller: {fields})"]
+        """How ``settings()`` lists the capacity-gap settings ([] without other sizes)."""
+        return [f"SETTING-{size} (any setting with the student's "
+                f"{', '.join(f'{k} {v}' for k, v in fields.items())})"
+                for size, fields in self.student_sizes.items()]
 
     def prepare(self, setting: str) -> Prepared:
         raise NotImplementedError

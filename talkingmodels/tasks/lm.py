@@ -275,6 +275,8 @@ class LanguageModelling(Task):
     default_settings = ("tweets-300", "movies-300")
     ablation_settings = ("tweets-300",)
     research_settings = ("tweets-300",)  # TD's premise: a 26x gap, a new domain, 300 texts
+    # The near student: 4x wider (width 384, 26.0M parameters, 5x below the teacher), same layers.
+    student_sizes = {"wide": {"width": 384, "ffn": 1024}}
     default_methods = {"scratch": {}, "logit-kd": {}, "gkd": {"beta": 0.5}, "feature-kd": {},
                        "fitnet": {}, "hybrid": {}, "td": {}}
     # (evaluation in batches of 32 texts: a batch's logits are 32 x tokens x 49,152 floats)
@@ -291,10 +293,11 @@ class LanguageModelling(Task):
         self._data: dict[str, tuple] = {}
 
     def settings(self) -> list[str]:
-        return [*DOMAINS, "DOMAIN-N (N training texts of a domain, e.g. tweets-1k or movies-300)"]
+        return [*DOMAINS, "DOMAIN-N (N training texts of a domain, e.g. tweets-1k or movies-300)",
+                *self.tiny_text()]
 
     def check_setting(self, setting: str) -> str:
-        if sized_setting(setting, DOMAINS):
+        if sized_setting(self.split_tiny(setting)[0], DOMAINS):
             return setting
         return super().check_setting(setting)
 
@@ -388,7 +391,8 @@ class LanguageModelling(Task):
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)
         cfg = self.config
-        domain, size = sized_setting(setting, DOMAINS)
+        data = self.split_tiny(setting)[0]  # (a "-wide" setting: the same texts, teacher cache too)
+        domain, size = sized_setting(data, DOMAINS)
         input_ids, mask, labels, (train_rows, val_rows, test_rows) = self.data(domain)
         if size is not None:
             if size > len(train_rows):
@@ -397,7 +401,8 @@ class LanguageModelling(Task):
             train_rows = train_rows[:size]
         teacher, _ = self.teacher()
         depth = teacher.config.num_hidden_layers
-        kept = cfg.student.layers if cfg.student.init == "random" else len(range(0, depth, cfg.student.every))
+        spec = self.student_spec(cfg.student, setting)
+        kept = spec.layers if spec.init == "random" else len(range(0, depth, spec.every))
         for side, names in (("teacher", cfg.teacher_layers), ("student", cfg.student_layers)):
             layers = depth if side == "teacher" else kept
             for name in names:
@@ -414,7 +419,7 @@ class LanguageModelling(Task):
         splits = Splits(split(train_rows), split(val_rows), split(test_rows))
         layers = tuple(cfg.teacher_layers)
         key = self._cache_key(domain, size, layers, input_ids.shape[1])
-        path = self.cache_dir() / "teacher-states" / f"lm-{setting}-{key}.safetensors"
+        path = self.cache_dir() / "teacher-states" / f"lm-{data}-{key}.safetensors"
         cache = None
         if path.is_file():
             try:
@@ -429,7 +434,7 @@ class LanguageModelling(Task):
         try:
             if cache is None:
                 print(f"computing the teacher's states and top-{cfg.top_k} tokens on {len(train_rows)} "
-                      f"{setting} texts (cached afterwards)", file=sys.stderr)
+                      f"{data} texts (cached afterwards)", file=sys.stderr)
                 totals = []
                 cache = frozen.write_teacher_cache(
                     path, teacher, splits.train, layers, 32, cfg.top_k, cfg.tail, cfg.cache_dtype,
@@ -439,7 +444,7 @@ class LanguageModelling(Task):
         finally:
             torch.set_num_threads(threads)
         splits.train.teacher_cache = cache
-        spec, positions = cfg.student, input_ids.shape[1]
+        positions = input_ids.shape[1]
         return Prepared(
             setting=setting,
             splits=splits,

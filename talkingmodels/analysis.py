@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from talkingmodels.errors import UserError
+from talkingmodels.io import save_figure
 from talkingmodels.states import pooled as mean_per_example
 from talkingmodels.states import token_mask
 
@@ -279,7 +280,7 @@ def cka_heatmap(table: pd.DataFrame, path, title: str = "linear CKA") -> Path:
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return path
 
 

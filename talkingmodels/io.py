@@ -33,3 +33,17 @@ def atomic_write(path: Path, write) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     _replace(path.with_name(path.name + ".tmp"), path, lambda handle: handle.write(text.encode()))
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG of 256 colours (a plot's lines and text need no more; a
+    third of the size of matplotlib's RGBA file, the same to the eye), written atomically:
+    the committed reports' plots stay small."""
+    from io import BytesIO  # (the standard library's)
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    image = Image.open(buffer).convert("RGB").quantize(256)
+    atomic_write(path, lambda handle: image.save(handle, format="png", optimize=True))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from talkingmodels.io import save_figure
 from talkingmodels.report.statistics import (
     STUDY,
     Study,
@@ -128,7 +129,7 @@ def plot_curves(curves: pd.DataFrame, out: Path, results: pd.DataFrame,
         fig.suptitle(f"{task} / {setting} (dotted: some seeds stopped early)", fontsize=11)
         fig.tight_layout()
         path = out / f"curves_{task}_{setting}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -173,6 +174,6 @@ def forest_plot(results: pd.DataFrame, path: Path, study: Study = STUDY) -> Path
     axes[0, 0].set_yticks(range(len(methods)), methods)
     fig.suptitle("Gain over scratch: mean over seeds and 95% interval (paired by seed)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

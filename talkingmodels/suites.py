@@ -112,8 +112,21 @@ DECODER: dict[str, dict] = {
     "td-rounds-2": ABLATIONS["td-rounds-2"],
 }
 
+
+def _diagnosed(label: str, entry: dict) -> dict[str, dict]:
+    """The diagnostics of a configuration with its own options (the report compares it with
+    these rather than with the default ones): no interaction, a re-initialised teacher."""
+    return {f"{label}-rounds-0": {**entry, "rounds": 0},
+            f"{label}-random-teacher": {**entry, "interpreter": "random"}}
+
+
+# (added once the tuning rule had picked td-layers-2-6 on validation: the default diagnostics
+# run at the task's layers 10-14, and a configuration at other layers is judged against
+# diagnostics at its own)
+DECODER_DIAGNOSTICS = _diagnosed("td-layers-2-6", DECODER["td-layers-2-6"])
+
 # Every labelled variant of TD (the report's ablation tables compare them with TD).
-VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY, **GROUNDED, **DECODER}
+VARIANTS: dict[str, dict] = {**ABLATIONS, **EFFICIENCY, **GROUNDED, **DECODER, **DECODER_DIAGNOSTICS}
 
 
 def _ablated(task) -> tuple[str, ...]:
@@ -129,7 +142,8 @@ SUITES: dict[str, tuple] = {
     "research": (lambda task: RESEARCH, lambda task: task.research_settings),
     # (its layer names are a Hugging Face decoder stack's: the lm task's)
     "decoder": (lambda task: {**DECODER, **{label: ABLATIONS[label] for label in
-                                            ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")}},
+                                            ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")},
+                              **DECODER_DIAGNOSTICS},
                 lambda task: task.default_settings),
 }
 

@@ -312,6 +312,12 @@ def test_diagnostics_table_by_hand(tmp_path):
     decoder = pd.concat([grounded, pd.DataFrame(rows("td-layers-2-6", shifted(0.0, noise)))])
     lines = diagnostics_table(summarise(decoder), decoder).splitlines()
     assert [line.split(" | ")[1] for line in lines[2:]] == ["td", "td-grounded", "td-layers-2-6"]
+    # with diagnostics of its own (at its layers), it is compared with those
+    own = pd.concat([decoder, pd.DataFrame(rows("td-layers-2-6-rounds-0", shifted(0.3)))])
+    lines = diagnostics_table(summarise(own), own).splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["td", "td-grounded", "td-layers-2-6"]
+    assert lines[4].split(" | ")[3].startswith("+0.29") and lines[4].split(" | ")[3].endswith(", its own)")
+    assert lines[2].split(" | ")[3] == "+0.1004 (0.000*)"  # (td: the default diagnostic)
     assert diagnostics_table(summarise(results[~results.method.str.startswith("td-")]), results) == ""
     results.to_csv(tmp_path / "results.csv", index=False)
     assert "## Does the interaction carry the teacher's knowledge?" in write_report(tmp_path).read_text()

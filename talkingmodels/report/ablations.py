@@ -66,13 +66,23 @@ def ablation_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = 
 DIAGNOSTICS = ("td-rounds-0", "td-random-teacher", "td-shuffled-answers")
 
 
+def _diagnostic(config: str, diagnostic: str, table: pd.DataFrame) -> str:
+    """The diagnostic a configuration is compared with: its own, run with its options (its
+    label with the diagnostic's ending: td-layers-2-6-rounds-0 for td-layers-2-6), where that
+    ran; else the default one (at the task's layers)."""
+    own = f"{config}{diagnostic.removeprefix('td')}"
+    return own if own in table else diagnostic
+
+
 def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study = STUDY) -> str:
     """Per setting where a diagnostic ran: the focus and each of its grounded (and decoder) configurations
     there against each diagnostic, paired by seed (difference, positive = the configuration is
     better; p Holm-adjusted over the setting's configuration x diagnostic comparisons, one
     family), the verdict (the interaction carries this teacher's knowledge only where the
     configuration is significantly better than both no interaction and the re-initialised
-    teacher) and the setting's best label by mean. "" when no setting ran a diagnostic."""
+    teacher; a configuration with diagnostics of its own, e.g. at its own layers, is compared
+    with those, "its own" in the cell) and the setting's best label by mean. "" when no setting
+    ran a diagnostic."""
     from talkingmodels.analysis import holm_family, paired_comparison
     from talkingmodels.suites import DECODER, GROUNDED
 
@@ -86,15 +96,17 @@ def diagnostics_table(summary: pd.DataFrame, results: pd.DataFrame, study: Study
         here = summary[(summary.task == task) & (summary.setting == setting) & ~summary.na.fillna(False)]
         table = _values(results[(results.task == task) & (results.setting == setting)])
         higher = _higher(here)
-        configs = [c for c in dict.fromkeys((study.focus, *GROUNDED, *DECODER)) if c in table]
-        pairs = holm_family({(c, d): paired_comparison(table[c], table[d], higher)
-                             for c in configs for d in DIAGNOSTICS if d in table})
+        configs = [c for c in dict.fromkeys((study.focus, *GROUNDED, *DECODER)) if c in table
+                   and not any(c.endswith(d.removeprefix("td")) for d in DIAGNOSTICS)]
+        pairs = holm_family({(c, d): paired_comparison(table[c], table[_diagnostic(c, d, table)], higher)
+                             for c in configs for d in DIAGNOSTICS if _diagnostic(c, d, table) in table})
         best = here.sort_values("mean", ascending=not higher).method.iloc[0]
         for config in configs:
             cells, better = [], []
             for d in DIAGNOSTICS:
                 c = pairs.get((config, d))
-                cells.append("not run" if c is None else f"{c['mean_diff']:+.4f} ({_p_text(c)})")
+                own = ", its own" if _diagnostic(config, d, table) != d else ""
+                cells.append("not run" if c is None else f"{c['mean_diff']:+.4f} ({_p_text(c)}{own})")
                 better.append(c is not None and c["significant"] and c["mean_diff"] > 0)
             verdict = "yes" if all(better[:2]) else "no: not significantly better than " + " nor ".join(
                 d for d, b in zip(DIAGNOSTICS[:2], better[:2], strict=True) if not b)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from talkingmodels.errors import UserError
-from talkingmodels.store import check_rows
 
 FORMATS = ("safetensors", "onnx")
 
@@ -109,6 +108,8 @@ def export_run(store: Path, run_id: str, fmt: str, out: Path) -> Path:
     """Write the stored student of ``run_id`` to ``out`` as ``fmt`` (safetensors or onnx)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    from talkingmodels.store import check_rows  # (the store reads pandas: the bench extra's)
+
     check_rows(Path(store))  # (a store written twice: which copy's student is this?)
     student, batch, sequence = stored_student(Path(store), run_id)
     if fmt == "safetensors":

@@ -410,6 +410,16 @@ def test_tasks_and_the_analysis_do_not_import_the_methods_nor_the_report_the_tas
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_library_and_saving_a_student_import_none_of_the_bench_extra():
+    """`pip install talkingmodels` has no pandas, matplotlib or scipy: distill, Result.save and
+    load_student (which reach export's weights writer) must not import them."""
+    code = ("import sys, talkingmodels.api, talkingmodels.export, talkingmodels.checkpoint, "
+            "talkingmodels.inference, talkingmodels.splits\n"
+            "loaded = sorted(m for m in ('pandas', 'matplotlib', 'scipy') if m in sys.modules)\n"
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

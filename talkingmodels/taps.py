@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -226,6 +227,31 @@ def state_at(model: nn.Module, layer: str, *inputs, **kwargs) -> torch.Tensor:
     finally:
         handle.remove()
     raise UserError(f"layer {layer!r} is not called in the forward pass of {type(model).__name__}")
+
+
+def states_until(model: nn.Module, names: Sequence[str], run: Callable[[], object]
+                 ) -> dict[str, torch.Tensor]:
+    """The outputs of the named submodules in the forward pass ``run()`` makes of ``model``,
+    the work after the last of them skipped (its head too: a 30-layer LLM's states at its
+    layers 2 and 6 cost 6 layers, not 30 and a 49,152-word projection)."""
+    wanted, found = set(names), {}
+
+    def hook(_module, _inputs, output, _name):
+        found[_name] = _first_tensor(output)
+        if wanted <= found.keys():
+            raise _ReachedEnd
+
+    handles = [get_module(model, name).register_forward_hook(functools.partial(hook, _name=name))
+               for name in wanted]
+    try:
+        run()
+    except _ReachedEnd:
+        return found
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(wanted - found.keys())
+    raise UserError(f"layer {missing[0]!r} is not called in the forward pass of {type(model).__name__}")
 
 
 def check_order(model: nn.Module, low: str, high: str, *inputs, **kwargs) -> None:

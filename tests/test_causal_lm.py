@@ -352,7 +352,11 @@ def test_a_methods_own_layers_replace_the_tasks_and_its_target_stays_the_cached_
     target = TopK.of(logits, 5)
     cached = replace(batch, teacher_cache={**{n: states[n] for n in LAYERS["teacher_layers"]},
                                            "output": target})
+    later = []  # (the teacher runs up to its last own layer only: 3 and the head never run)
+    hook = teacher.model.layers[3].register_forward_hook(lambda *_: later.append(1))
     seen = td.teacher_states(cached, own)
+    hook.remove()
+    assert not later
     for name in own:
         assert torch.equal(seen[name], states[name])
     assert torch.equal(seen["output"].log_probs, target.log_probs)

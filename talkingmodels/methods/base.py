@@ -187,13 +187,17 @@ class Distiller(Supervised):
         cached = not self.config.unfreeze_teacher  # an unfrozen teacher changes every step
         if cached and teacher_cached(batch, layers):
             return {key: _as_float(batch.teacher_cache[key]) for key in (*layers, "output")}
-        with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
-            with taps.capture(self.teacher, layers) as states:
-                output = taps.prediction(self.run_teacher(batch))
-        if cached and "output" in batch.teacher_cache:
-            # (states at a method's own layers, not cached: the target stays the cached one,
-            # e.g. a causal LM's top-k, so that the layers are all that differs)
+        if cached and layers and "output" in batch.teacher_cache:
+            # States at a method's own layers, not cached: the teacher runs up to them only,
+            # and the target stays the cached one (e.g. a causal LM's top-k), so that the
+            # layers are all that differs.
+            with torch.no_grad():
+                states = taps.states_until(self.teacher, layers, lambda: self.run_teacher(batch))
             output = batch.teacher_cache["output"]
+        else:
+            with torch.set_grad_enabled(self.config.unfreeze_teacher and torch.is_grad_enabled()):
+                with taps.capture(self.teacher, layers) as states:
+                    output = taps.prediction(self.run_teacher(batch))
         return {key: _as_float(value) for key, value in {**states, "output": output}.items()}
 
     def pooled_states(self, batch: Batch):

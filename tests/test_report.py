@@ -422,3 +422,34 @@ def test_the_headline_by_hand(tmp_path):
     assert cells["td"] == ["td", "0.9333", "±", "0.1528", "+6.67%", "n.s.", "(p", "0.529)", "3"]
     assert cells["fitnet"] == ["fitnet", "0.9500", "±", "0.0100", "+5.00%", "better", "(p", "0.026)", "3"]
     assert lines[-1].split() == ["teacher", "(frozen)", "0.9000"]
+
+
+def test_twin_settings_table_by_hand(tmp_path):
+    """RMSE on dense and its twin dense-wide (a wider student). td: 0.80, 0.90, 1.00 against
+    0.70, 0.82, 0.88 on the twin -> the twin better by 0.10, 0.08, 0.12 (mean 0.10, sd 0.02,
+    t = 8.660, two-sided p with 2 df 0.01307); scratch: 1.0 x 3 against 0.90, 1.00, 1.05 ->
+    +0.10, 0, -0.05 (mean 0.0167, sd 0.07638, t = 0.378, p = 1 - t / sqrt(t^2 + 2) = 0.742).
+    Holm over the pair's two methods: td 2 x 0.01307 = 0.026, scratch 0.742. Gains over
+    scratch: td 10% on dense, (0.98333 - 0.80) / 0.98333 = 18.64% on the twin. A variant
+    (td-rounds-0) and a method run on one side only (fitnet) have no row; a setting with no
+    twin has no table."""
+    from talkingmodels.report.twins import twin_pairs, twins_section
+
+    def on(setting, method, values):
+        return [{**row, "setting": setting} for row in rows(method, values)]
+
+    results = pd.DataFrame(
+        on("dense", "scratch", [1.0, 1.0, 1.0]) + on("dense", "td", [0.80, 0.90, 1.00])
+        + on("dense", "td-rounds-0", [0.8, 0.8, 0.8]) + on("dense", "fitnet", [0.9, 0.9, 0.9])
+        + on("dense-wide", "scratch", [0.90, 1.00, 1.05]) + on("dense-wide", "td", [0.70, 0.82, 0.88])
+        + on("dense-wide", "td-rounds-0", [0.7, 0.7, 0.7]) + on("sparse", "scratch", [1.0, 1.0]))
+    assert twin_pairs(results) == [("movielens", "dense", "dense-wide", "-wide")]
+    lines = twins_section(results, summarise(results))
+    assert lines[0] == ("movielens: dense against dense-wide, one change: the student: 4x wider, "
+                        "the same layers.")
+    table = lines[2].splitlines()
+    assert lines[3] == "" and table[2] == "| frozen teacher | 0.9000 | 0.9000 | | | | | |"
+    assert table[3:] == ["| scratch | 1.0000 | 0.9833 | +0.0167 | 0.742 | 1/3 | +0.00% | +0.00% |",
+                         "| td | 0.9000 | 0.8000 | +0.1000 | 0.026* | 3/3 | +10.00% | +18.64% |"]
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert "## One change between twin settings" in write_report(tmp_path).read_text()

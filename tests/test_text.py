@@ -451,7 +451,7 @@ def test_an_llm_setting_has_smollm2_as_the_probed_teacher_on_the_same_sentences(
     sentiment._llm = load_teacher(None, torch.float32, tmp_path / "cache")
     plain, llm = sentiment.prepare("tweets"), sentiment.prepare("tweets-llm")
     assert llm.setting == "tweets-llm" and isinstance(llm.teacher, ProbedDecoderTeacher)
-    assert llm.teacher_layers == ("model.layers.10", "model.layers.14")
+    assert llm.teacher_layers == ("model.layers.2", "model.layers.6")
     for part in ("train", "val", "test"):
         assert torch.equal(getattr(llm.splits, part).target, getattr(plain.splits, part).target)
     ids = llm.splits.train.student_inputs[0]

@@ -51,6 +51,7 @@ from talkingmodels.report.tables import (
     undistillable_table,
     versus_table,
 )
+from talkingmodels.report.twins import TWINS_INTRO, twins_section
 from talkingmodels.store import machines_text, read_curves, read_results, read_samples
 
 __all__ = [
@@ -96,6 +97,8 @@ def write_report(out: Path, study: Study = STUDY) -> Path:
                       versus_table(compared(results, study), methods, study), ""]
     if methods.method.nunique() > 1 and (gaps := gap_table(methods, study)):
         lines += ["## Share of the scratch-to-teacher gap closed", "", GAP_INTRO, "", gaps, ""]
+    if twins := twins_section(results, summary, study):
+        lines += ["## One change between twin settings", "", TWINS_INTRO, "", *twins]
     if ablations := ablation_overview(summary, study):
         lines += [f"## Ablations of {study.name}, every ablated setting", "",
                   f"Each variant's mean test metric against the default {study.name}'s, in percent "

@@ -23,6 +23,7 @@ from talkingmodels.report.tables import (
     undistillable_table,
     versus_table,
 )
+from talkingmodels.report.twins import TWINS_INTRO, twins_section
 from talkingmodels.store import machines_text, read_results
 
 README_START = "<!-- results of {store} (generated: talkingmodels report {store} --readme {doc}) -->"
@@ -92,6 +93,8 @@ def readme_block(out: Path, study: Study = STUDY) -> str:
                       "not significant):", "", versus_table(compared(results, study), methods, study), ""]
     if methods.method.nunique() > 1 and (gaps := gap_table(methods, study)):
         lines += [GAP_INTRO, "", gaps, ""]
+    if twins := twins_section(results, summary, study):
+        lines += [TWINS_INTRO, "", *twins]
     if ablations := ablation_overview(summary, study):
         lines += [f"Ablations: each variant's test metric against the default {study.name}'s (positive = the "
                   "variant is better):", "", ablations, ""]

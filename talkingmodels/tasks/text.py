@@ -309,8 +309,9 @@ class TextConfig(FrozenTeacherConfig):
     # TD's interpretation step runs the teacher's layers l+1..h (ProbedTextTeacher.run_between):
     # three BERT layers here, forward and backward, on every training step.
     teacher_layers: tuple[str, str] = ("bert.encoder.layer.1", "bert.encoder.layer.4")
-    # (-llm settings: the lm task's pair of SmolLM2's 30 layers, four of them in between)
-    llm_teacher_layers: tuple[str, str] = ("model.layers.10", "model.layers.14")
+    # (-llm settings: a pair of SmolLM2's 30 layers, chosen on validation between the lm task's
+    # 10-14 and 2-6, before the first-token sink grows to 24,000 (configs/text-llm-tuning.yaml))
+    llm_teacher_layers: tuple[str, str] = ("model.layers.2", "model.layers.6")
     student_layers: tuple[str, str] = ("layers.0", "layers.1")
 
 

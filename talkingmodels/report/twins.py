@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from talkingmodels.report.statistics import STUDY, Study, _higher, _na_runs, without_variants
+from talkingmodels.report.statistics import STUDY, Study, _higher, _values, without_variants
+from talkingmodels.report.tables import _gain_text, _p_text
 
 # A twin's suffix -> what it changes (the tasks' setting names: see each task's ``settings``).
 TWINS = {
@@ -34,11 +35,6 @@ def twin_pairs(results: pd.DataFrame) -> list[tuple[str, str, str, str]]:
             for suffix in TWINS if (task, setting + suffix) in keys]
 
 
-def _seed_values(runs: pd.DataFrame) -> pd.DataFrame:
-    kept = runs[~_na_runs(runs)]
-    return kept.pivot_table(index="seed", columns="method", values="value")
-
-
 def twin_table(results: pd.DataFrame, summary: pd.DataFrame, task: str, setting: str, twin: str,
                study: Study = STUDY) -> str:
     """The methods run on both ``setting`` and ``twin`` of ``task``: mean on each, the paired
@@ -48,7 +44,7 @@ def twin_table(results: pd.DataFrame, summary: pd.DataFrame, task: str, setting:
     from talkingmodels.analysis import holm_family, paired_comparison
 
     here = without_variants(results[results.task == task], study)  # the methods, not TD's variants
-    base, other = (_seed_values(here[here.setting == name]) for name in (setting, twin))
+    base, other = (_values(here[here.setting == name]) for name in (setting, twin))
     higher = _higher(here)
     methods = [m for m in dict.fromkeys(summary[summary.task == task].method)
                if m in base.columns and m in other.columns]
@@ -61,11 +57,9 @@ def twin_table(results: pd.DataFrame, summary: pd.DataFrame, task: str, setting:
              "|---|---|---|---|---|---|---|---|",
              f"| frozen teacher | {teacher[0]:.4f} | {teacher[1]:.4f} | | | | | |"]
     for method in methods:
-        c, gains = family[method], [rows.loc[(name, method)].gain_pct for name in (setting, twin)]
-        p = "n/a" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3f}" + ("*" if c["significant"] else "")
-        gain = [f"{g:+.2f}%" if pd.notna(g) else "n/a" for g in gains]
+        c, gain = family[method], [_gain_text(rows.loc[(name, method)]) for name in (setting, twin)]
         lines.append(f"| {method} | {base[method].mean():.4f} | {other[method].mean():.4f} | "
-                     f"{c['mean_diff']:+.4f} | {p} | {c['wins']}/{c['n']} | {gain[0]} | {gain[1]} |")
+                     f"{c['mean_diff']:+.4f} | {_p_text(c)} | {c['wins']}/{c['n']} | {gain[0]} | {gain[1]} |")
     return "\n".join(lines)
 
 
